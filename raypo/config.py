@@ -1,0 +1,598 @@
+"""Every raypo setting: typed dataclasses, read from YAML with ``--section.field value`` overrides.
+
+This module is the single source of defaults. Each field's docstring (the string literal under it)
+gives its meaning, unit and the objectives that use it, and ``bounded`` fields carry their range;
+:func:`field_help` reads the docstrings with :mod:`ast`, so ``raypo config fields`` and the CLI help
+come from here. Values are converted to the field's type and checked when a section is built; a bad
+value raises :class:`ConfigError`, whose message names the dotted key, the value and where it came
+from (the YAML file or the command line). Settings derived from others (the run directory, the
+reference weights) are properties here, not defaults re-derived by callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from raypo.config_base import (
+    COMMAND_LINE,
+    ConfigError,
+    FieldHelp,
+    Section,
+    bounded,
+    build,
+    check_search_entry,
+    describe_fields,
+    index_fields,
+    origin_of,
+    parse_overrides,
+    read_yaml,
+    record_origins,
+    set_override,
+    unknown_choice,
+)
+
+__all__ = [
+    "COMMAND_LINE",
+    "RESOLVED_CONFIG_NAME",
+    "SECTIONS",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "FieldHelp",
+    "LossConfig",
+    "ModelConfig",
+    "RaypoConfig",
+    "ReferenceConfig",
+    "TrainerConfig",
+    "TuneConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "field_help",
+    "field_index",
+    "load_config",
+    "save_config",
+]
+
+RESOLVED_CONFIG_NAME = "config.yaml"
+"""File name of the resolved config that every run writes into its run directory."""
+
+_REPORTERS = ["tensorboard", "wandb", "mlflow"]
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """The policy model: which weights, in which precision, with which attention."""
+
+    SECTION: ClassVar[str] = "model"
+
+    name_or_path: str = "tiny"
+    """Policy to start from: a hub id (``EleutherAI/pythia-2.8b``), a directory written by
+    ``save_pretrained``, or ``tiny`` = the embedded ~150k-parameter Llama model and 512-token BPE
+    tokenizer that :func:`raypo.models.resolve_model_path` builds offline (cached under
+    ``$RAYPO_CACHE_DIR``). All objectives."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer to use; null = the one stored with ``name_or_path``."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the weights and of DeepSpeed's mixed-precision training: fp32 or bf16 on CPU
+    (DeepSpeed's CPU backend has no fp16), bf16 on Ampere or newer GPUs. Log-probs, entropies and
+    losses are computed in float32 or wider whatever this is."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    trust_remote_code: bool = False
+    """Let ``from_pretrained`` run Python code shipped with a hub model; off = only models that
+    transformers itself implements load."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to ``from_pretrained``; ``flash_attention_2`` needs a GPU and the
+    flash-attn package."""
+    tiny_fit_steps: int = bounded(0, ">= 0")
+    """Only for ``name_or_path: tiny``: optimizer steps of next-token fitting on the training
+    data's chosen responses before preference training, so that the reference (the fitted model)
+    is not random; 0 = keep the random initialisation."""
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The tokenizer to load: ``tokenizer_name_or_path``, else ``name_or_path``."""
+        if self.tokenizer_name_or_path is None:
+            return self.name_or_path
+        return self.tokenizer_name_or_path
+
+    def _validate(self) -> None:
+        self._require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Where the preference pairs come from; how they are checked, tokenised and split."""
+
+    SECTION: ClassVar[str] = "data"
+
+    path: str = "builtin:hh_sample"
+    """Training data: a file, glob or directory of shards (JSONL, Parquet), a directory written by
+    ``datasets.save_to_disk``, a ``datasets.load_dataset`` name, or ``builtin:NAME`` = a sample
+    shipped in the package (``builtin:hh_sample``: 400 raw HH-RLHF harmless pairs)."""
+    format: Literal["auto", "jsonl", "parquet", "hf_disk", "hf"] = "auto"
+    """How ``path`` is stored: ``jsonl`` / ``parquet`` files, ``hf_disk`` (a ``save_to_disk``
+    directory) or ``hf`` (``datasets.load_dataset(path)``). ``auto`` decides from the path (file
+    suffixes, a ``dataset_info.json``, ``builtin:``); anything else is ``hf``."""
+    schema: Literal["auto", "pairs", "hh", "conversational"] = "auto"
+    """Shape of a row. ``pairs``: prompt/chosen/rejected strings. ``hh``: chosen/rejected each a
+    whole raw HH dialogue (``\\n\\nHuman:`` / ``\\n\\nAssistant:``), split at the last shared
+    Assistant turn. ``conversational``: chat message lists (role/content) rendered with the
+    tokenizer's chat template; prompt messages repeated at the start of chosen/rejected (as in
+    UltraFeedback binarized) are removed. ``auto`` decides from the first rows."""
+    hf_name: str | None = None
+    """Dataset configuration name given to ``load_dataset`` (``format: hf``); null = none."""
+    hf_data_dir: str | None = None
+    """``data_dir`` given to ``load_dataset`` (``format: hf``), e.g. ``harmless-base`` of
+    Anthropic/hh-rlhf; null = the whole dataset."""
+    split: str = "train"
+    """Split to train on, for sources with splits (``hf``, ``hf_disk``)."""
+    eval_split: str | None = None
+    """Split of held-out pairs (``test_prefs`` of UltraFeedback binarized); null = hold out
+    ``eval_fraction`` of the training rows instead."""
+    eval_fraction: float = bounded(0.05, "[0, 1)")
+    """Fraction of the training rows held out for evaluation when ``eval_split`` is null, drawn
+    with the run's ``seed``; 0 = no held-out pairs."""
+    prompt_field: str = "prompt"
+    """Column of the prompt (string or message list); unused by ``schema: hh``."""
+    chosen_field: str = "chosen"
+    """Column of the preferred completion (the whole dialogue for ``schema: hh``)."""
+    rejected_field: str = "rejected"
+    """Column of the dispreferred completion (the whole dialogue for ``schema: hh``)."""
+    group_field: str | None = None
+    """Optional column naming a pair's group (annotator group, region, persona); evaluation
+    reports accuracy per group. null = no groups."""
+    id_field: str | None = None
+    """Optional column of unique pair ids; null = ids made from source file and row number."""
+    max_rows: int | None = bounded(None, ">= 1")
+    """Read at most this many rows of ``path`` (quick trials); null = all."""
+    max_length: int = bounded(512, ">= 2")
+    """Tokens of prompt + completion per sequence after truncation."""
+    max_prompt_length: int = bounded(256, ">= 1")
+    """Tokens kept of the prompt (cut per ``truncation_mode``); less than ``max_length``."""
+    max_completion_length: int | None = bounded(None, ">= 1")
+    """Tokens kept of each completion (cut at its end); null = ``max_length`` minus the prompt's
+    tokens."""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """Which part of a too-long prompt survives: ``keep_end`` (the last turns, next to the
+    completion) or ``keep_start``."""
+    append_eos: bool = True
+    """End each completion with the tokenizer's EOS token (unless it already does), so that the
+    policy learns to stop."""
+    max_reject_fraction: float = bounded(0.1, "[0, 1]")
+    """Stop before training when more than this fraction of the rows read is rejected (malformed,
+    empty, identical chosen and rejected, prompt over budget)."""
+    shuffle: bool = True
+    """Shuffle the training pairs every epoch, deterministically from the run's ``seed``."""
+    num_cpus_per_op: float = bounded(0.25, "> 0")
+    """CPUs Ray Data reserves per read/tokenise task; fractional so that data and training
+    workers share a small machine."""
+
+    def _validate(self) -> None:
+        self._require(bool(self.path.strip()), "path", "must not be empty")
+        self._require(
+            self.max_prompt_length < self.max_length,
+            "max_prompt_length",
+            f"must be < data.max_length ({self.max_length})",
+        )
+
+
+@dataclass(frozen=True)
+class LossConfig(Section):
+    """The objective and its hyperparameters; :func:`raypo.losses.preference_loss` reads these."""
+
+    SECTION: ClassVar[str] = "loss"
+
+    type: str = "dpo"
+    """Objective: a name in the registry :data:`raypo.losses.OBJECTIVES` (``raypo objectives``):
+    dpo, ipo, hinge, simpo, mallows_theta, mallows_theta_ipo, mallows_theta_simpo, mallows_phi,
+    mixdpo."""
+    beta: float = bounded(0.1, "> 0")
+    """Preference strength beta (the KL-regularisation scale), multiplying the margin h in every
+    objective; for mixdpo, E[beta] of the strength distribution."""
+    label_smoothing: float = bounded(0.0, "[0, 0.5)")
+    """cDPO label-noise rate eps: weight (1 - eps) on the labelled order, eps on the reverse.
+    dpo and mallows_theta."""
+    gamma: float = bounded(0.0, ">= 0")
+    """Target margin subtracted from beta*h, in reward units (nats): SimPO's gamma for simpo and
+    mallows_theta_simpo; also applied by the reference-based objectives when set."""
+    dispersion_scale: float = bounded(0.29, "> 0")
+    """Scale c of the MallowsPO dispersion weight w(x) = -c ln Hn(x) (the authors' default 0.29).
+    mallows_theta, mallows_theta_ipo, mallows_theta_simpo, mallows_phi."""
+    mixdpo_distribution: Literal["lognormal", "gamma"] = "lognormal"
+    """mixdpo: family of the learned distribution of the strength beta."""
+    mixdpo_estimator: Literal["auto", "quadrature", "mc", "series"] = "auto"
+    """mixdpo: how E[sigma(beta h)] is computed. ``auto`` = series for gamma, Gauss-Hermite
+    quadrature for lognormal; ``mc`` = reparameterised samples (biased, warned about);
+    ``series`` = accelerated alternating series, gamma only."""
+    mixdpo_num_points: int | None = bounded(None, ">= 2")
+    """mixdpo: quadrature nodes, series terms or MC samples; null = the estimator's default
+    (lognormal Gauss-Hermite 64, gamma series 24, mc 16)."""
+    mixdpo_init_cv: float = bounded(0.5, "> 0")
+    """mixdpo: coefficient of variation (std / mean) of beta at initialisation."""
+    mixdpo_learn_mean: bool = False
+    """mixdpo: learn E[beta] too. Off: E[beta] stays at ``beta`` and only the spread is learned
+    (the loss is unchanged by (h, beta) -> (c h, beta / c): the mean is not identifiable)."""
+    mixdpo_lr: float = bounded(1e-2, "> 0")
+    """mixdpo: learning rate of the strength distribution's parameters (own optimizer group,
+    no weight decay)."""
+
+    def _validate(self) -> None:
+        from raypo.losses import OBJECTIVES
+
+        names = list(OBJECTIVES)
+        self._require(self.type in names, "type", "expected " + unknown_choice(self.type, names))
+        self._require(
+            not (self.mixdpo_estimator == "series" and self.mixdpo_distribution == "lognormal"),
+            "mixdpo_estimator",
+            "the series estimator exists only for loss.mixdpo_distribution gamma; use auto or "
+            "quadrature for lognormal",
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceConfig(Section):
+    """The frozen reference model: how its log-probs and entropies reach the loss."""
+
+    SECTION: ClassVar[str] = "reference"
+
+    mode: Literal["precomputed", "online", "none"] = "precomputed"
+    """``precomputed``: one batch-inference pass over the data before training stores the
+    reference log-probs and Hn (cached); the reference is never loaded during training.
+    ``online``: a frozen copy on every worker. ``none``: no reference, only for reference-free
+    objectives (simpo); MallowsPO needs the reference's entropy for w(x)."""
+    model_name_or_path: str | None = None
+    """Reference weights (hub id, directory or ``tiny``); null = the policy's starting point
+    ``model.name_or_path``."""
+    cache_dir: str = "{run_dir}/reference"
+    """Where the precomputed pass writes Parquet, keyed by a fingerprint of data, tokenizer,
+    reference model, lengths and dtype. ``{run_dir}`` and ``{name}`` are replaced; point several
+    runs at one directory to share the pass."""
+    batch_size: int = bounded(8, ">= 1")
+    """Pairs per forward batch of the precomputed pass."""
+    num_actors: int = bounded(1, ">= 1")
+    """Ray Data actors running the precomputed pass, each holding a reference copy."""
+    cpus_per_actor: float = bounded(1.0, "> 0")
+    """CPUs reserved per reference actor (fractional allowed)."""
+    gpus_per_actor: float = bounded(0.0, ">= 0")
+    """GPUs per reference actor (fractional allowed); 0 = CPU."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig(Section):
+    """Ray Train workers, the DeepSpeed engine, the optimisation schedule, logs and checkpoints."""
+
+    SECTION: ClassVar[str] = "trainer"
+
+    num_workers: int = bounded(1, ">= 1")
+    """Ray Train workers (data-parallel ranks; one GPU each with ``use_gpu``)."""
+    cpus_per_worker: float = bounded(1.0, "> 0")
+    """CPUs reserved per worker; fractional (0.5) lets workers and Ray Data share 2 cores."""
+    use_gpu: bool = False
+    """Give each worker one GPU (NCCL); off = CPU workers (gloo)."""
+    zero_stage: int = bounded(2, "[0, 3]")
+    """DeepSpeed ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = and
+    gradients, 3 = and parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state and its step on CPU (ZeRO-Offload); needs ``zero_stage`` >= 1."""
+    offload_params: bool = False
+    """Keep parameters on CPU between uses (ZeRO-Infinity); needs ``zero_stage`` 3."""
+    torch_adam: bool = False
+    """Use torch's AdamW inside DeepSpeed instead of its compiled CPU / fused Adam (no C++ or
+    CUDA build step; slower with offload)."""
+    per_device_batch_size: int = bounded(4, ">= 1")
+    """Preference pairs per worker per micro-step (a pair = a chosen and a rejected sequence)."""
+    gradient_accumulation_steps: int = bounded(1, ">= 1")
+    """Micro-steps per optimizer step; global batch = num_workers * per_device_batch_size *
+    gradient_accumulation_steps pairs."""
+    learning_rate: float = bounded(1e-6, "> 0")
+    """Peak learning rate of the policy (AdamW)."""
+    weight_decay: float = bounded(0.0, ">= 0")
+    """Decoupled AdamW weight decay of the policy (never of MixDPO's parameters)."""
+    adam_beta1: float = bounded(0.9, "[0, 1)")
+    """AdamW first-moment decay."""
+    adam_beta2: float = bounded(0.999, "[0, 1)")
+    """AdamW second-moment decay."""
+    adam_epsilon: float = bounded(1e-8, "> 0")
+    """AdamW denominator epsilon."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate shape after the linear warmup: cosine or linear decay to 0, or constant."""
+    warmup_ratio: float = bounded(0.1, "[0, 1)")
+    """Fraction of all optimizer steps spent warming up linearly from 0."""
+    num_epochs: float = bounded(1.0, "> 0")
+    """Passes over the training pairs (fractional allowed); ignored when ``max_steps`` is set."""
+    max_steps: int | None = bounded(None, ">= 1")
+    """Stop after this many optimizer steps; null = ``num_epochs`` decides."""
+    max_grad_norm: float = bounded(1.0, ">= 0")
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    logits_chunk_size: int = bounded(1024, ">= 1")
+    """Sequence positions per chunk when log-probs and entropy are computed from the logits; it
+    bounds the fp32 [batch, chunk, vocab] peak (raypo.dispersion)."""
+    logging_steps: int = bounded(10, ">= 1")
+    """Write metrics to metrics.jsonl and the progress display every this many steps."""
+    save_steps: int = bounded(500, ">= 0")
+    """Checkpoint (model, optimizer, scheduler, MixDPO parameters, RNG states, data position)
+    every this many steps; 0 = only at the end."""
+    save_total_limit: int = bounded(2, ">= 1")
+    """Checkpoints kept; older ones are deleted."""
+    eval_steps: int = bounded(0, ">= 0")
+    """Evaluate held-out implicit-reward accuracy every this many steps; 0 = only at the end."""
+    max_failures: int = bounded(0, ">= 0")
+    """Worker failures Ray Train recovers from by restarting at the last checkpoint; 0 = stop at
+    the first."""
+    storage_path: str | None = None
+    """Where Ray Train keeps checkpoints; null = the run directory. A multi-node cluster needs
+    storage every node reaches (an NFS path or ``s3://...``)."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra metric sinks, each used when installed: tensorboard, wandb, mlflow."""
+
+    def _validate(self) -> None:
+        self._require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "offload_optimizer",
+            f"needs trainer.zero_stage >= 1 (it is {self.zero_stage})",
+        )
+        self._require(
+            not self.offload_params or self.zero_stage == 3,
+            "offload_params",
+            f"needs trainer.zero_stage 3 (it is {self.zero_stage})",
+        )
+        unknown = [sink for sink in self.report_to if sink not in _REPORTERS]
+        self._require(not unknown, "report_to", f"each entry must be one of {_REPORTERS}")
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    """Generation-based evaluation: sampling, scoring and the report (``raypo eval``)."""
+
+    SECTION: ClassVar[str] = "eval"
+
+    policy: str | None = None
+    """Model to evaluate (HF-format directory or hub id); null = the run's ``final/``."""
+    baseline: str = "reference"
+    """What the policy is compared with: ``reference`` (the reference model) or an HF-format
+    directory / hub id (e.g. another run's ``final/``)."""
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    """Sampler: ``vllm`` actors or ``hf`` = transformers ``generate``; ``auto`` = vllm when
+    importable, else hf (the choice is logged)."""
+    num_prompts: int | None = bounded(100, ">= 1")
+    """Held-out prompts to sample completions for; null = all."""
+    temperature: float = bounded(1.0, ">= 0")
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = bounded(1.0, "(0, 1]")
+    """Nucleus-sampling probability mass."""
+    max_tokens: int = bounded(128, ">= 1")
+    """Most new tokens per completion."""
+    n: int = bounded(1, ">= 1")
+    """Completions per prompt."""
+    seed: int = 0
+    """Sampling seed: the same seed gives the same completions on the same backend."""
+    batch_size: int = bounded(16, ">= 1")
+    """Prompts per generate / scoring batch."""
+    num_actors: int = bounded(1, ">= 1")
+    """Sampling actors, each holding one engine."""
+    tensor_parallel_size: int = bounded(1, ">= 1")
+    """GPUs per vLLM engine (tensor parallel)."""
+    gpu_memory_utilization: float = bounded(0.9, "(0, 1]")
+    """Fraction of a GPU's memory one vLLM engine may take."""
+    reward_model: str | None = None
+    """Sequence-classification reward model (directory or hub id) scoring prompt + completion;
+    null = no reward scores or win rate (implicit-reward accuracy, KL and lengths remain)."""
+    bootstrap_samples: int = bounded(1000, ">= 1")
+    """Bootstrap resamples behind the win rate's confidence interval."""
+    confidence_level: float = bounded(0.95, "(0, 1)")
+    """Coverage of the bootstrap confidence interval."""
+    during_training_num_prompts: int = bounded(0, ">= 0")
+    """Prompts of a small generation eval at every ``trainer.eval_steps``; 0 = none."""
+
+
+@dataclass(frozen=True)
+class TuneConfig(Section):
+    """A Ray Tune sweep (``raypo tune``); each trial is a training run using the trainer section's
+    workers and resources."""
+
+    SECTION: ClassVar[str] = "tune"
+
+    search_space: dict[str, str] = field(default_factory=dict)
+    """Dotted config key -> expression: ``uniform(lo, hi)``, ``loguniform(lo, hi)`` (lo > 0),
+    ``randint(lo, hi)`` (hi exclusive) or ``choice([a, b, ...])``; e.g. ``loss.beta:
+    loguniform(0.01, 1.0)``, ``loss.type: choice([dpo, mallows_theta, mixdpo])``."""
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    """``random`` sampling; ``grid`` = every combination of the choice([...]) entries (only
+    choice allowed), repeated ``num_samples`` times; ``optuna`` = Optuna's TPE."""
+    scheduler: Literal["none", "asha", "pbt"] = "none"
+    """Trial scheduler: ``asha`` stops weak trials early, ``pbt`` copies and perturbs strong ones,
+    ``none`` runs every trial to the end."""
+    metric: str = "eval/rewards/accuracies"
+    """Reported metric the sweep optimises (default: held-out implicit-reward accuracy)."""
+    mode: Literal["max", "min"] = "max"
+    """Whether ``metric`` is maximised or minimised."""
+    num_samples: int = bounded(4, ">= 1")
+    """Trials drawn from the space (for ``grid``: repeats of the whole grid)."""
+    max_concurrent_trials: int = bounded(1, ">= 1")
+    """Trials running at once; each takes ``trainer.num_workers`` workers."""
+    grace_period: int = bounded(1, ">= 1")
+    """asha: reports a trial makes before it may be stopped."""
+    reduction_factor: float = bounded(2.0, "> 1")
+    """asha: 1 / reduction_factor of the trials go on at each rung."""
+    perturbation_interval: int = bounded(2, ">= 1")
+    """pbt: reports between exploit / explore steps."""
+
+    def _validate(self) -> None:
+        for key, expression in self.search_space.items():
+            where = f"tune.search_space.{key}"
+            check_search_entry(key, expression, RaypoConfig, self.search_alg == "grid", where)
+        self._require(bool(self.metric.strip()), "metric", "must not be empty")
+
+
+@dataclass(frozen=True)
+class RaypoConfig(Section):
+    """One run: its name, directory, seed and every section."""
+
+    name: str = "raypo"
+    """Run name: letters, digits, ``.``, ``_``, ``-``; used in ``run_dir``."""
+    run_dir: str = "runs/{name}"
+    """Directory of the run's outputs (resolved config, prepared data, rejects, metrics,
+    checkpoints, final model, report); ``{name}`` is replaced by ``name``."""
+    seed: int = 42
+    """Seed of initialisation, data order, the held-out split and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The preference data."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """The reference model."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Distributed training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Hyperparameter sweeps."""
+
+    @property
+    def run_path(self) -> Path:
+        """``run_dir`` with ``{name}`` replaced."""
+        return Path(self.run_dir.format(name=self.name)).expanduser()
+
+    @property
+    def reference_model_path(self) -> str:
+        """The reference weights: ``reference.model_name_or_path``, else the policy's."""
+        if self.reference.model_name_or_path is None:
+            return self.model.name_or_path
+        return self.reference.model_name_or_path
+
+    @property
+    def reference_cache_path(self) -> Path:
+        """``reference.cache_dir`` with ``{run_dir}`` and ``{name}`` replaced."""
+        template = self.reference.cache_dir
+        return Path(template.format(run_dir=self.run_path, name=self.name)).expanduser()
+
+    def _validate(self) -> None:
+        named = re.fullmatch(r"[A-Za-z0-9._-]+", self.name) is not None
+        self._require(named, "name", "use only letters, digits, '.', '_' and '-'")
+        self._require(_formats(self.run_dir, name=""), "run_dir", "the only placeholder is {name}")
+        if not _formats(self.reference.cache_dir, name="", run_dir=""):
+            problem = "the only placeholders are {run_dir} and {name}"
+            raise ConfigError("reference.cache_dir", self.reference.cache_dir, problem)
+        self._check_reference()
+        self._check_device()
+
+    def _check_reference(self) -> None:
+        from raypo.losses import OBJECTIVES
+
+        spec = OBJECTIVES[self.loss.type]
+        if self.reference.mode != "none" or not (spec.uses_reference or spec.uses_dispersion):
+            return
+        why = (
+            "its dispersion weight w(x) comes from the reference model's token entropy"
+            if spec.uses_dispersion
+            else "its margin h is a log-ratio against the reference model"
+        )
+        free = [n for n, o in OBJECTIVES.items() if not (o.uses_reference or o.uses_dispersion)]
+        raise ConfigError(
+            "reference.mode",
+            "none",
+            f"loss.type {self.loss.type!r} needs the reference model: {why}. Use reference.mode "
+            f"precomputed or online, or a reference-free loss.type ({', '.join(free)})",
+        )
+
+    def _check_device(self) -> None:
+        if self.trainer.use_gpu:
+            return
+        if self.model.dtype == "fp16":
+            problem = "needs trainer.use_gpu true; on CPU use fp32 or bf16"
+            raise ConfigError("model.dtype", "fp16", problem)
+        if self.model.attn_implementation == "flash_attention_2":
+            problem = "needs trainer.use_gpu true; on CPU use sdpa or eager"
+            raise ConfigError("model.attn_implementation", "flash_attention_2", problem)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    spec.name: spec.default_factory
+    for spec in dataclasses.fields(RaypoConfig)
+    if spec.default_factory is not dataclasses.MISSING
+}
+"""Section name -> its dataclass, in declaration order."""
+
+
+def _formats(template: str, **names: str) -> bool:
+    """Whether ``template.format(**names)`` succeeds, i.e. it uses only those placeholders."""
+    try:
+        template.format(**names)
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
+def _parents(key: str) -> list[str]:
+    """``a.b.c`` -> ``["a", "a.b"]``."""
+    parts = key.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts))]
+
+
+def field_index() -> dict[str, Any]:
+    """Every settable dotted key (``seed``, ``loss.beta``, ...) -> its type annotation."""
+    return index_fields(RaypoConfig)
+
+
+def field_help() -> list[FieldHelp]:
+    """Every settable field with its type, range, default and docstring, in declaration order."""
+    return describe_fields(RaypoConfig, __file__)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RaypoConfig:
+    """Build and validate a config from nested mappings (YAML's shape); raises ConfigError."""
+    return build(RaypoConfig, data)
+
+
+def config_to_dict(config: RaypoConfig) -> dict[str, Any]:
+    """The config as nested plain dicts, lists and scalars (YAML's shape)."""
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: RaypoConfig) -> str:
+    """The resolved config as YAML text, sections in declaration order."""
+    body = yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    return "# resolved raypo config (defaults + file + overrides)\n" + body
+
+
+def save_config(config: RaypoConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML that :func:`load_config` reads back to an equal config."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(config_to_yaml(config), encoding="utf-8")
+    return target
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RaypoConfig:
+    """Defaults, then the YAML file at ``path`` (optional), then ``overrides``; validated.
+
+    Overrides are ``--section.field VALUE``, ``--section.field=VALUE`` or ``section.field=VALUE``
+    tokens; values are read as the field's type (``true`` / ``false``, ``null``, numbers, YAML
+    for lists and mappings). Every problem raises :class:`ConfigError` naming the key, the value
+    and its source (the file, ``command line`` or ``defaults``).
+    """
+    raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+        record_origins(raw, "", str(path), origins)
+    for key, value in parse_overrides(overrides):
+        set_override(raw, key, value, field_index())
+        origins[key] = COMMAND_LINE
+        for parent in _parents(key):
+            origins.setdefault(parent, COMMAND_LINE)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as error:
+        raise error.with_source(origin_of(origins, error.key)) from None

@@ -1,0 +1,228 @@
+"""The raypo command line: help for every command, override handling, dispatch to the module that
+implements a command, and one-line errors (exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypo import cli
+from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+def run_raypo(*args: str, module: str = "raypo.cli") -> subprocess.CompletedProcess[str]:
+    """``python -m raypo.cli ARGS`` in a fresh interpreter, with this checkout importable."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "fragment"),
+    [
+        ([], "Preference optimisation (MallowsPO, MixDPO and the DPO family)"),
+        (["prepare"], "validate every row"),
+        (["train"], "with the objective loss.type"),
+        (["eval"], "Sample completions for held-out prompts"),
+        (["tune"], "Search tune.search_space with Ray Tune"),
+        (["report"], "Rebuild RUN_DIR/eval/report.md"),
+        (["config"], "Inspect configurations without running anything"),
+        (["config", "show"], "Print the resolved configuration"),
+        (["config", "fields"], "List every config field"),
+        (["objectives"], "List the preference objectives"),
+    ],
+)
+def test_every_command_has_help_that_says_what_it_does(command: list[str], fragment: str) -> None:
+    result = run_raypo(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert fragment in " ".join(result.stdout.split())
+
+
+def test_train_help_documents_the_override_syntax() -> None:
+    result = run_raypo("train", "--help")
+    assert "--SECTION.FIELD VALUE   or   --SECTION.FIELD=VALUE" in result.stdout
+    assert "--resume RUN_DIR" in result.stdout
+
+
+def test_python_dash_m_raypo_runs_the_cli() -> None:
+    result = run_raypo("--help", module="raypo")
+    assert result.returncode == 0 and result.stdout.startswith("usage: raypo")
+
+
+def test_help_imports_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys\n"
+        "from raypo.cli import main\n"
+        "try:\n    main(['train', '--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))\n"
+    )
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=60,
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_config_show_prints_the_resolved_yaml_with_overrides() -> None:
+    result = run_raypo("config", "show", QUICKSTART, "--loss.beta", "0.3", "--seed=5")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["loss"]["beta"] == 0.3 and shown["seed"] == 5
+    assert shown["loss"]["type"] == "mallows_theta"  # from the file
+    assert shown["trainer"]["zero_stage"] == 2
+
+
+def test_a_bad_override_exits_2_with_one_line_and_no_traceback() -> None:
+    result = run_raypo("config", "show", QUICKSTART, "--loss.beta", "0")
+    assert result.returncode == 2
+    assert result.stderr == "raypo: error: loss.beta = 0.0 (from command line): must be > 0\n"
+    assert result.stdout == ""
+
+
+def test_an_unknown_override_key_is_named_with_a_suggestion(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["config", "show", QUICKSTART, "--trainer.zero_stag", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "trainer.zero_stag = '3' (from command line): unknown key" in error
+    assert "did you mean trainer.zero_stage?" in error and "Traceback" not in error
+
+
+def test_a_bad_value_in_the_file_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  zero_stage: 4\n")
+    assert cli.main(["config", "show", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"raypo: error: trainer.zero_stage = 4 (from {path}): must be in [0, 3]\n"
+    )
+
+
+def test_split_overrides_separates_config_flags_from_arguments() -> None:
+    argv = ["train", "--loss.beta", "0.2", "c.yaml", "--seed=3", "--resume", "r", "--name", "x"]
+    rest, overrides = cli.split_overrides(argv)
+    assert rest == ["train", "c.yaml", "--resume", "r"]
+    assert overrides == ["--loss.beta", "0.2", "--seed=3", "--name", "x"]
+    # A negative number is a value, not a flag; a flag followed by a flag has no value.
+    assert cli.split_overrides(["--loss.gamma", "-1", "--loss.beta", "--x.y", "1"])[1] == [
+        "--loss.gamma",
+        "-1",
+        "--loss.beta",
+        "--x.y",
+        "1",
+    ]
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[RaypoConfig, object]]:
+    """Route every run command to a fake implementation that records its arguments."""
+    calls: list[tuple[RaypoConfig, object]] = []
+    module = types.ModuleType("fake_raypo_command")
+
+    def main(config: RaypoConfig, args: object) -> int:
+        calls.append((config, args))
+        return 0
+
+    module.main = main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_raypo_command", module)
+    for command in cli.COMMANDS:
+        monkeypatch.setitem(cli.COMMANDS, command, "fake_raypo_command:main")
+    return calls
+
+
+def test_train_hands_the_validated_config_to_its_module(
+    recorded: list[tuple[RaypoConfig, object]],
+) -> None:
+    # Overrides may come before CONFIG: they never swallow the positional argument.
+    assert cli.main(["train", "--loss.beta", "0.2", QUICKSTART, "--trainer.num_workers=1"]) == 0
+    (config, args), *_ = recorded
+    assert (config.loss.beta, config.trainer.num_workers, config.loss.type) == (
+        0.2,
+        1,
+        "mallows_theta",
+    )
+    assert args.command == "train"
+
+
+def test_train_resume_reads_the_run_directory_config(
+    tmp_path: Path, recorded: list[tuple[RaypoConfig, object]]
+) -> None:
+    saved = load_config(QUICKSTART, ["--name", "resumed"])
+    save_config(saved, tmp_path / RESOLVED_CONFIG_NAME)
+    assert cli.main(["train", "--resume", str(tmp_path)]) == 0
+    assert recorded[0][0] == saved
+
+
+def test_eval_policy_and_baseline_flags_are_config_overrides(
+    recorded: list[tuple[RaypoConfig, object]],
+) -> None:
+    assert cli.main(["eval", "--policy", "runs/a/final", "--baseline", "runs/b/final"]) == 0
+    config = recorded[0][0]
+    assert (config.eval.policy, config.eval.baseline) == ("runs/a/final", "runs/b/final")
+
+
+def test_report_reads_the_config_saved_in_the_run_directory(
+    tmp_path: Path, recorded: list[tuple[RaypoConfig, object]]
+) -> None:
+    save_config(load_config(None, ["--seed", "11"]), tmp_path / RESOLVED_CONFIG_NAME)
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert recorded[0][0].seed == 11
+
+
+def test_train_without_a_config_is_a_usage_error(
+    recorded: list[tuple[RaypoConfig, object]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["train"])
+    assert caught.value.code == 2
+    assert "train needs CONFIG (or --resume RUN_DIR)" in capsys.readouterr().err
+    assert recorded == []
+
+
+def test_a_command_whose_module_is_missing_exits_2_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "prepare", "raypo.no_such_module:main")
+    assert cli.main(["prepare", "--data.max_rows", "5"]) == 2
+    assert capsys.readouterr().err == (
+        "raypo prepare: not available: this raypo installation has no raypo.no_such_module, "
+        "the module that implements it\n"
+    )
+
+
+def test_objectives_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    from raypo.losses import OBJECTIVES
+
+    assert cli.main(["objectives"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(OBJECTIVES)
+    simpo = next(line for line in lines if line.startswith("simpo "))
+    assert "reference-free" in simpo and OBJECTIVES["simpo"].summary in simpo
+
+
+def test_config_fields_documents_a_section(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "fields", "loss"]) == 0
+    out = capsys.readouterr().out
+    assert "loss.beta  (a number, > 0; default 0.1)" in out
+    assert "trainer." not in out
