@@ -129,7 +129,10 @@ class DataConfig(Section):
     tokenizer's chat template; prompt messages repeated at the start of chosen/rejected (as in
     UltraFeedback binarized) are removed. ``auto`` decides from the first rows."""
     hf_name: str | None = None
-    """Dataset configuration name given to ``load_dataset`` (``format: hf``); null = none."""
+    """Dataset configuration name given to ``load_dataset`` (``format: hf``); null = none. When
+    ``path`` is a local file or glob, the builder reading it as ``data_files`` (``json``,
+    ``parquet``, ``csv``; null = from the suffix): ``format: hf, hf_name: json, path: x.jsonl``
+    is ``load_dataset("json", data_files="x.jsonl", split=split)``."""
     hf_data_dir: str | None = None
     """``data_dir`` given to ``load_dataset`` (``format: hf``), e.g. ``harmless-base`` of
     Anthropic/hh-rlhf; null = the whole dataset."""
@@ -161,12 +164,14 @@ class DataConfig(Section):
     max_completion_length: int | None = bounded(None, ">= 1")
     """Tokens kept of each completion (cut at its end); null = ``max_length`` minus the prompt's
     tokens."""
-    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    """Which part of a too-long prompt survives: ``keep_end`` (the last turns, next to the
-    completion) or ``keep_start``."""
+    truncation_mode: Literal["keep_end", "keep_start", "reject"] = "keep_end"
+    """What happens to a prompt over ``max_prompt_length``: ``keep_end`` keeps its last tokens
+    (the last turns, next to the completion; a leading BOS stays), ``keep_start`` its first
+    tokens, ``reject`` rejects the pair (reason ``prompt_too_long``)."""
     append_eos: bool = True
-    """End each completion with the tokenizer's EOS token (unless it already does), so that the
-    policy learns to stop."""
+    """End each completion with the tokenizer's EOS token, counted in its length, unless it ends
+    with EOS already (chat pairs: unless the template's rendering of the turn holds EOS), so that
+    the policy learns to stop. Cut by completion truncation like any other token."""
     max_reject_fraction: float = bounded(0.1, "[0, 1]")
     """Stop before training when more than this fraction of the rows read is rejected (malformed,
     empty, identical chosen and rejected, prompt over budget)."""

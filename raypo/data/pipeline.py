@@ -1,0 +1,257 @@
+"""The Ray Data pipeline: sources -> normalised, validated, tokenised pairs -> Parquet -> workers.
+
+``prepare_pairs`` runs one Ray Data job over the list of sources (files, shards of a ``datasets``
+dataset): each source is read, validated and tokenised by a task of ``data.num_cpus_per_op`` CPUs,
+so many shards are processed in parallel across the cluster and no node holds the whole dataset.
+Every row read comes out exactly once, tagged ``train``, ``eval`` or ``rejected``, and the result
+is written as Parquet partitioned by that tag in one pass. The driver then streams the rejected
+partition into ``rejects.jsonl`` and counts the rest.
+
+``train_dataset`` reads a prepared (or reference-annotated) split back for Ray Train, shuffled
+deterministically by seed; Ray Train's ``streaming_split`` gives each worker an equal share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+
+from raypo.config import DataConfig, RaypoConfig
+from raypo.data.readers import list_sources, read_pairs
+from raypo.data.records import Rejection, Source
+from raypo.data.tokenize import TokenizedPair, tokenize_pairs
+from raypo.data.validate import DataSummary
+from raypo.models import load_tokenizer, resolve_model_path
+
+SPLIT_COLUMN = "split"
+"""Partition column of the prepared Parquet: ``train``, ``eval`` or ``rejected``."""
+SPLITS = ("train", "eval", "rejected")
+TOKENIZE_BATCH = 256
+"""Pairs tokenised per call; batching amortises the tokenizer's per-call overhead."""
+REJECT_COLUMNS = ("reason", "detail", "raw")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Where ``prepare_pairs`` wrote its outputs, and what it counted."""
+
+    directory: Path
+    """``RUN_DIR/prepared``: one Parquet directory per split (``split=train`` ...)."""
+    rejects_path: Path
+    """``RUN_DIR/rejects.jsonl``: every rejected row with source, row, reason and detail."""
+    summary_path: Path
+    """``RUN_DIR/data_summary.json``."""
+    summary: DataSummary
+    """Counts: rows read, accepted, rejected per reason and per source."""
+    split_counts: dict[str, int]
+    """Accepted rows per split (``train``, ``eval``)."""
+
+    def split_path(self, split: str) -> Path:
+        """Parquet directory of ``split``."""
+        return split_directory(self.directory, split)
+
+
+def split_directory(prepared: Path, split: str) -> Path:
+    """Parquet directory of one split inside a prepared directory."""
+    return prepared / f"{SPLIT_COLUMN}={split}"
+
+
+def eval_assignment(pair_id: str, seed: int, eval_fraction: float) -> bool:
+    """Whether a pair belongs to the held-out split: a hash of (seed, id), stable across runs,
+    machines and the order rows arrive in."""
+    digest = hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    return load_tokenizer(path)
+
+
+def _empty_token_columns() -> dict[str, Any]:
+    return {
+        "prompt_ids": [],
+        "chosen_ids": [],
+        "rejected_ids": [],
+        "prompt_length": 0,
+        "chosen_length": 0,
+        "rejected_length": 0,
+        "prompt_truncated": False,
+        "chosen_truncated": False,
+        "rejected_truncated": False,
+    }
+
+
+def _rejected_row(rejection: Rejection) -> dict[str, Any]:
+    return {
+        SPLIT_COLUMN: "rejected",
+        "id": f"{rejection.source}:{rejection.row}",
+        "group": "",
+        "source": rejection.source,
+        "row": rejection.row,
+        **_empty_token_columns(),
+        "reason": rejection.reason,
+        "detail": rejection.detail,
+        "raw": rejection.raw,
+    }
+
+
+def _accepted_row(pair: TokenizedPair, split: str) -> dict[str, Any]:
+    row = pair.to_row()
+    row["group"] = row["group"] or ""
+    return {SPLIT_COLUMN: split, **row, "reason": "", "detail": "", "raw": ""}
+
+
+def _output_rows(
+    results: list[Any], fixed_split: str | None, data: DataConfig, seed: int
+) -> Iterator[dict[str, Any]]:
+    for result in results:
+        if isinstance(result, Rejection):
+            yield _rejected_row(result)
+            continue
+        split = fixed_split
+        if split is None:
+            split = "eval" if eval_assignment(result.id, seed, data.eval_fraction) else "train"
+        yield _accepted_row(result, split)
+
+
+def _process_source(
+    item: dict[str, Any], data: DataConfig, tokenizer_path: str, seed: int
+) -> Iterator[dict[str, Any]]:
+    """Read, validate and tokenise one source; one output row per row read."""
+    source = Source(**json.loads(item["source"]))
+    fixed_split = item["fixed_split"] or None
+    tokenizer = _tokenizer(tokenizer_path)
+    pending: list[Any] = []
+    for record in read_pairs(source, data, item["hf_split"] or None):
+        pending.append(record)
+        if len(pending) >= TOKENIZE_BATCH:
+            yield from _output_rows(_tokenize(pending, tokenizer, data), fixed_split, data, seed)
+            pending = []
+    if pending:
+        yield from _output_rows(_tokenize(pending, tokenizer, data), fixed_split, data, seed)
+
+
+def _tokenize(records: list[Any], tokenizer: Any, data: DataConfig) -> list[Any]:
+    """Tokenise the pairs among ``records`` and keep rejections in place."""
+    pairs = [record for record in records if not isinstance(record, Rejection)]
+    tokenized = iter(tokenize_pairs(pairs, tokenizer, data))
+    return [record if isinstance(record, Rejection) else next(tokenized) for record in records]
+
+
+def _source_items(data: DataConfig) -> list[dict[str, Any]]:
+    """One work item per source; with ``data.eval_split`` its sources are all ``eval``."""
+    items = [
+        {"source": json.dumps(dataclasses.asdict(source)), "fixed_split": "", "hf_split": ""}
+        for source in list_sources(data)
+    ]
+    if data.eval_split is not None:
+        eval_data = dataclasses.replace(data, split=data.eval_split)
+        items += [
+            {
+                "source": json.dumps(dataclasses.asdict(source)),
+                "fixed_split": "eval",
+                "hf_split": data.eval_split,
+            }
+            for source in list_sources(eval_data)
+        ]
+    return items
+
+
+def _write_rejects(prepared: Path, rejects_path: Path) -> DataSummary:
+    """Stream the rejected partition into ``rejects.jsonl``; count reasons and sources."""
+    summary = DataSummary()
+    rejected_dir = split_directory(prepared, "rejected")
+    with rejects_path.open("w", encoding="utf-8") as out:
+        if not rejected_dir.exists():
+            return summary
+        columns = ["source", "row", *REJECT_COLUMNS]
+        for row in ray.data.read_parquet(str(rejected_dir)).select_columns(columns).iter_rows():
+            rejection = Rejection(
+                source=row["source"],
+                row=int(row["row"]),
+                reason=row["reason"],
+                detail=row["detail"],
+                raw=row["raw"],
+            )
+            out.write(json.dumps(rejection.to_json(), ensure_ascii=False) + "\n")
+            summary.add_rejection(rejection)
+    return summary
+
+
+def _count_accepted(prepared: Path, summary: DataSummary) -> dict[str, int]:
+    counts = {}
+    for split in ("train", "eval"):
+        directory = split_directory(prepared, split)
+        if not directory.exists():
+            counts[split] = 0
+            continue
+        sources = ray.data.read_parquet(str(directory)).select_columns(["source"])
+        per_source = sources.groupby("source")
+        counts[split] = 0
+        for row in per_source.count().iter_rows():
+            summary.add_accepted(row["source"], int(row["count()"]))
+            counts[split] += int(row["count()"])
+    return counts
+
+
+def prepare_pairs(config: RaypoConfig) -> PreparedData:
+    """Read, validate and tokenise ``config.data`` into ``RUN_DIR/prepared``.
+
+    Writes ``prepared/split=train|eval|rejected`` (Parquet), ``rejects.jsonl`` and
+    ``data_summary.json``, then raises :class:`raypo.data.validate.DataQualityError` when more than
+    ``data.max_reject_fraction`` of the rows were rejected (after writing the files, so the user
+    can read why).
+    """
+    data = config.data
+    run_path = config.run_path
+    run_path.mkdir(parents=True, exist_ok=True)
+    prepared = run_path / "prepared"
+    if prepared.exists():
+        shutil.rmtree(prepared)
+    tokenizer_path = resolve_model_path(config.model.tokenizer_path)
+    items = _source_items(data)
+    rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+        _process_source,
+        fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "seed": config.seed},
+        num_cpus=data.num_cpus_per_op,
+    )
+    if data.max_rows is not None:
+        # The first max_rows rows to come out; with several sources which ones is not fixed.
+        rows = rows.limit(data.max_rows)
+    rows.write_parquet(str(prepared), partition_cols=[SPLIT_COLUMN])
+
+    rejects_path = run_path / "rejects.jsonl"
+    summary = _write_rejects(prepared, rejects_path)
+    split_counts = _count_accepted(prepared, summary)
+    summary_path = run_path / "data_summary.json"
+    summary_path.write_text(
+        json.dumps({**summary.to_json(), "splits": split_counts}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    result = PreparedData(prepared, rejects_path, summary_path, summary, split_counts)
+    summary.check(data.max_reject_fraction, rejects_path)
+    return result
+
+
+def read_split(directory: Path, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """A prepared or reference-annotated split as a Ray dataset, without the partition column.
+
+    With ``shuffle_seed`` the rows are shuffled across the cluster deterministically by that seed.
+    """
+    dataset = ray.data.read_parquet(str(directory), partitioning=None)
+    present = set(dataset.columns())
+    dataset = dataset.drop_columns([c for c in (SPLIT_COLUMN, *REJECT_COLUMNS) if c in present])
+    if shuffle_seed is not None:
+        dataset = dataset.random_shuffle(seed=shuffle_seed)
+    return dataset

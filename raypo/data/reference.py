@@ -1,0 +1,121 @@
+"""The reference pass: the frozen reference model runs once over the prepared pairs.
+
+A Ray Data ``map_batches`` actor pool (``reference.num_actors`` actors of ``cpus_per_actor`` CPUs
+and ``gpus_per_actor`` GPUs, each holding one copy of the model) adds four columns to every pair:
+``ref_chosen_logps``, ``ref_rejected_logps`` (summed completion log-probs) and ``ref_hn_chosen``,
+``ref_hn_rejected`` (MallowsPO's normalised entropy Hn, METHODS.md). They are written as Parquet
+under ``reference.cache_dir/<fingerprint>`` and reused while the fingerprint of everything they
+depend on (data files, data settings, seed, tokenizer, reference model, dtype) is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+
+from raypo.config import RaypoConfig
+from raypo.data.collate import collate_pairs
+from raypo.data.pipeline import PreparedData, read_split
+from raypo.data.readers import list_sources
+from raypo.forward import reference_columns
+from raypo.models import load_policy, resolve_model_path
+
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_hn_chosen", "ref_hn_rejected")
+FINGERPRINT_FILE = "fingerprint.json"
+COMPLETE_MARKER = "_COMPLETE"
+
+
+@dataclass(frozen=True)
+class ReferencePass:
+    """Where the reference-annotated splits are, and whether they came from the cache."""
+
+    directory: Path
+    """``reference.cache_dir/<fingerprint>``, holding ``train/`` and ``eval/`` Parquet."""
+    fingerprint: str
+    """sha256 of the inputs the columns depend on."""
+    cache_hit: bool
+    """True when an earlier pass with the same fingerprint was reused."""
+
+    def split_path(self, split: str) -> Path:
+        """Parquet directory of one annotated split."""
+        return self.directory / split
+
+
+def _path_state(path: str) -> Any:
+    """What identifies a file or directory's content: names, sizes and modification times."""
+    root = Path(path)
+    if not root.exists():
+        return path
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def reference_fingerprint(config: RaypoConfig) -> str:
+    """sha256 over the data sources and settings, the seed (it picks the held-out split), the
+    tokenizer, the reference model and the dtype: a change to any of them misses the cache."""
+    sources = [(asdict(source), _path_state(source.path)) for source in list_sources(config.data)]
+    inputs = {
+        "data": asdict(config.data),
+        "sources": sources,
+        "seed": config.seed,
+        "tokenizer": _path_state(resolve_model_path(config.model.tokenizer_path)),
+        "reference_model": _path_state(resolve_model_path(config.reference_model_path)),
+        "dtype": config.model.dtype,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ReferenceScorer:
+    """Ray Data actor: holds the reference model, annotates batches of tokenised pairs."""
+
+    def __init__(self, model_path: str, dtype: str, chunk_size: int) -> None:
+        self.model, tokenizer = load_policy(model_path, dtype)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.pad_token_id = tokenizer.pad_token_id
+        self.chunk_size = chunk_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = collate_pairs(batch, self.pad_token_id)
+        inputs = {name: value.to(self.device) for name, value in tensors.items()}
+        columns = reference_columns(self.model, inputs, self.chunk_size)
+        return {**batch, **{name: value.cpu().numpy() for name, value in columns.items()}}
+
+
+def run_reference_pass(config: RaypoConfig, prepared: PreparedData) -> ReferencePass:
+    """Annotate the prepared ``train`` and ``eval`` splits, or reuse a matching earlier pass."""
+    fingerprint = reference_fingerprint(config)
+    directory = config.reference_cache_path / fingerprint[:16]
+    if (directory / COMPLETE_MARKER).exists():
+        return ReferencePass(directory, fingerprint, cache_hit=True)
+    if directory.exists():
+        shutil.rmtree(directory)
+    reference = config.reference
+    for split in ("train", "eval"):
+        if prepared.split_counts.get(split, 0) == 0:
+            continue
+        annotated = read_split(prepared.split_path(split)).map_batches(
+            ReferenceScorer,
+            fn_constructor_kwargs={
+                "model_path": resolve_model_path(config.reference_model_path),
+                "dtype": config.model.dtype,
+                "chunk_size": config.trainer.logits_chunk_size,
+            },
+            batch_size=reference.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=reference.num_actors),
+            num_cpus=reference.cpus_per_actor,
+            num_gpus=reference.gpus_per_actor,
+        )
+        annotated.write_parquet(str(directory / split))
+    (directory / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    (directory / COMPLETE_MARKER).touch()
+    return ReferencePass(directory, fingerprint, cache_hit=False)

@@ -1,0 +1,37 @@
+"""Shared fixtures: one local Ray instance for the whole session, sized for a 2-core machine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# Set before Ray starts so every Ray worker process inherits them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def raypo_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A session-wide RAYPO_CACHE_DIR so the tiny model is built once, outside ~/.cache."""
+    path = str(tmp_path_factory.mktemp("raypo-cache"))
+    os.environ["RAYPO_CACHE_DIR"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session(raypo_cache: str) -> Iterator[None]:
+    """A local Ray with 4 logical CPUs: Ray Data tasks and Ray Train workers use fractional
+    CPUs, and the extra logical CPUs keep them from starving each other on 2 real cores."""
+    import ray
+
+    from raypo.ray_runtime import disable_data_progress_bars
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    disable_data_progress_bars()
+    yield
+    ray.shutdown()

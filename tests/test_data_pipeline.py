@@ -1,0 +1,201 @@
+"""End-to-end checks of the Ray Data pipeline and the reference pass on real Ray, real files and
+the tiny model: nothing lost, disjoint equal shares for two Ray Train workers, a reference cache
+that hits and misses when it should, and reference columns equal to a direct float64 forward."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raypo.config import load_config
+from raypo.data.pipeline import eval_assignment, read_split
+from raypo.data.prepare import prepare
+from raypo.data.validate import DataQualityError
+
+HH_GZ = Path(__file__).parent / "data" / "hh_harmless_1800.jsonl.gz"
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, data_path: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"--run_dir={tmp_path / 'run'}",
+            f"--data.path={data_path}",
+            "--data.schema=hh",
+            "--data.max_length=128",
+            "--data.max_prompt_length=96",
+            "--data.eval_fraction=0.1",
+            "--data.num_cpus_per_op=0.5",
+            "--reference.batch_size=32",
+            "--reference.cpus_per_actor=0.5",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def hh_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hh") / "hh.jsonl"
+    path.write_bytes(gzip.decompress(HH_GZ.read_bytes()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hh_run(ray_session, hh_jsonl: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The 1,800 real HH pairs prepared without a reference pass."""
+    tmp = tmp_path_factory.mktemp("hh-run")
+    return prepare(_config(tmp, hh_jsonl, "--reference.mode=online"))
+
+
+def test_every_row_is_accepted_or_rejected_with_a_reason(hh_run) -> None:
+    summary = hh_run.data.summary
+    assert summary.total == 1800
+    assert summary.accepted + summary.rejected == 1800
+    rejects = [json.loads(line) for line in hh_run.data.rejects_path.read_text().splitlines()]
+    assert len(rejects) == summary.rejected
+    assert all(r["reason"] and r["detail"] and r["row"] >= 1 for r in rejects)
+    assert sum(summary.per_reason.values()) == summary.rejected
+    splits = hh_run.data.split_counts
+    assert splits["train"] + splits["eval"] == summary.accepted
+    # eval_fraction 0.1 of ~1,800 rows: a binomial with sd ~13 around 180.
+    assert 120 < splits["eval"] < 240
+    saved = json.loads(hh_run.data.summary_path.read_text())
+    assert saved["total"] == 1800 and saved["splits"] == splits
+
+
+def test_prepared_rows_keep_ids_and_split_by_hash(hh_run) -> None:
+    train = read_split(hh_run.data.split_path("train")).take_all()
+    evaluation = read_split(hh_run.data.split_path("eval")).take_all()
+    ids = [row["id"] for row in train + evaluation]
+    assert len(ids) == len(set(ids)) == hh_run.data.summary.accepted
+    assert not any(eval_assignment(row["id"], 42, 0.1) for row in train)
+    assert all(eval_assignment(row["id"], 42, 0.1) for row in evaluation)
+    row = train[0]
+    assert row["chosen_length"] == len(row["chosen_ids"]) > 0
+    assert row["prompt_length"] == len(row["prompt_ids"]) <= 96
+    assert row["prompt_length"] + max(row["chosen_length"], row["rejected_length"]) <= 128
+
+
+def test_two_workers_receive_disjoint_equal_shares(hh_run, tmp_path: Path) -> None:
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config: dict) -> None:
+        shard = ray.train.get_dataset_shard("train")
+        ids = [
+            str(pair_id)
+            for batch in shard.iter_batches(batch_size=16, batch_format="numpy")
+            for pair_id in batch["id"]
+        ]
+        rank = ray.train.get_context().get_world_rank()
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(ids))
+
+    dataset = read_split(hh_run.data.split_path("train"), shuffle_seed=7)
+    TorchTrainer(
+        loop,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": dataset},
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shares"),
+    ).fit()
+    shares = [set(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    total = hh_run.data.split_counts["train"]
+    assert not shares[0] & shares[1]
+    assert len(shares[0]) == len(shares[1])
+    # streaming_split(equal=True) may hold back fewer rows than there are workers.
+    assert total - 1 <= len(shares[0] | shares[1]) <= total
+
+
+def _direct_reference(model, row: dict, completion: str) -> tuple[float, float]:
+    """Summed completion log-prob and Hn from one unpadded float64 forward with full softmax."""
+    prompt = list(row["prompt_ids"])
+    tokens = prompt + list(row[f"{completion}_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    positions = range(len(prompt) - 1, len(tokens) - 1)
+    logps = sum(logp[t, tokens[t + 1]].item() for t in positions)
+    entropy = [-(logp[t].exp() * logp[t]).sum().item() for t in positions]
+    return logps, sum(entropy) / (len(entropy) * math.log(logits.shape[-1]))
+
+
+def test_reference_pass_matches_direct_forward_and_caches(
+    ray_session, hh_jsonl: Path, tmp_path: Path
+) -> None:
+    from raypo.models import load_policy
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(hh_jsonl.read_text().splitlines(keepends=True)[:60]))
+    config = _config(tmp_path, small)
+    first = prepare(config)
+    assert first.reference is not None and not first.reference.cache_hit
+    rows = read_split(first.split_path("train")).take_all()
+    assert len(rows) == first.data.split_counts["train"]
+    model, _ = load_policy("tiny")
+    model.eval()
+    for row in rows[:4]:
+        for completion in ("chosen", "rejected"):
+            logps, hn = _direct_reference(model, row, completion)
+            assert row[f"ref_{completion}_logps"] == pytest.approx(logps, rel=1e-4)
+            assert row[f"ref_hn_{completion}"] == pytest.approx(hn, rel=1e-4)
+
+    second = prepare(config)
+    assert second.reference.cache_hit
+    assert second.reference.directory == first.reference.directory
+
+    with small.open("a") as handle:  # a changed input file must invalidate the cache
+        handle.write(hh_jsonl.read_text().splitlines(keepends=True)[100])
+    third = prepare(config)
+    assert not third.reference.cache_hit
+    assert third.reference.directory != first.reference.directory
+
+
+def test_rejection_threshold_stops_the_run_after_writing_the_rejects(
+    ray_session, hh_jsonl: Path, tmp_path: Path
+) -> None:
+    noisy = tmp_path / "noisy.jsonl"
+    good = hh_jsonl.read_text().splitlines(keepends=True)[:20]
+    noisy.write_text("".join(good) + "{not json\n" * 5 + '{"chosen": "x"}\n' * 5)
+    config = _config(tmp_path, noisy, "--reference.mode=online", "--data.max_reject_fraction=0.2")
+    with pytest.raises(DataQualityError, match=r"10 of 30 rows"):
+        prepare(config)
+    rejects = (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == 10
+    assert sorted({json.loads(r)["row"] for r in rejects}) == list(range(21, 31))
+
+
+def test_prepare_command_line(ray_session, hh_jsonl: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(hh_jsonl.read_text().splitlines(keepends=True)[:40]))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raypo",
+            "prepare",
+            f"--run_dir={tmp_path / 'cli'}",
+            f"--data.path={small}",
+            "--data.max_length=128",
+            "--data.max_prompt_length=96",
+            "--data.num_cpus_per_op=0.5",
+            "--reference.cpus_per_actor=0.5",
+            "--data.max_rows=30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rejects.jsonl" in result.stdout and "reference pass computed" in result.stdout
+    # 40 rows in the file, data.max_rows = 30.
+    assert json.loads((tmp_path / "cli" / "data_summary.json").read_text())["total"] == 30
