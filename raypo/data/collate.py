@@ -97,7 +97,7 @@ def _id_arrays(rows: Mapping[str, Sequence[Any] | np.ndarray], name: str) -> lis
 
 
 def _ref_column(name: str, values: Sequence[Any] | np.ndarray, size: int) -> Tensor:
-    column = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    column = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
     if column.shape != (size,):
         raise ValueError(
             f"column {name!r} must hold one number per pair ({size}), got {column.shape}"

@@ -1,0 +1,1 @@
+"""Distributed training: the Ray Train loop, DeepSpeed config, schedule, metrics and checkpoints."""

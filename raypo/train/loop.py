@@ -1,0 +1,333 @@
+"""The training loop run by every Ray Train worker.
+
+Read top to bottom: build the DeepSpeed engine around the policy, restore from the latest
+checkpoint if there is one, then for each micro-batch run one concatenated chosen+rejected forward
+(:mod:`raypo.forward`), take the reference log-probs and entropies from the precomputed columns or
+an online reference, compute the objective (:mod:`raypo.losses`) and step. Metrics go to Ray Train
+every ``logging_steps``; checkpoints every ``save_steps``; held-out metrics every ``eval_steps``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from raypo.config import RaypoConfig
+from raypo.data.collate import collate_pairs
+from raypo.dispersion import dispersion_weight
+from raypo.forward import reference_columns, sequence_stats, split_pairs
+from raypo.losses import PreferenceBatch, StrengthDistribution, objective, preference_loss
+from raypo.models import load_policy
+from raypo.train.batches import MicroBatch, lockstep_batches
+from raypo.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from raypo.train.deepspeed_config import deepspeed_config, reference_deepspeed_config
+from raypo.train.export import export_policy
+from raypo.train.schedule import build_scheduler
+
+_NO_DECAY = ("bias", "norm", "embed")
+
+
+@dataclass
+class _Sums:
+    """Pair-weighted sums of step metrics over a logging interval (one all-reduce to average)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    pairs: int = 0
+    tokens: int = 0
+
+    def add(self, metrics: dict[str, Tensor], pairs: int, tokens: int) -> None:
+        for name, value in metrics.items():
+            self.values[name] = self.values.get(name, 0.0) + float(value) * pairs
+        self.pairs += pairs
+        self.tokens += tokens
+
+    def reduce(self) -> tuple[dict[str, float], int, int]:
+        """Means over all workers' pairs, and the total pairs and tokens."""
+        names = sorted(self.values)
+        local = torch.tensor(
+            [self.values[name] for name in names] + [self.pairs, self.tokens], dtype=torch.float64
+        )
+        if dist.is_initialized():
+            dist.all_reduce(local)
+        pairs, tokens = int(local[-2]), int(local[-1])
+        means = {name: local[i].item() / max(pairs, 1) for i, name in enumerate(names)}
+        return means, pairs, tokens
+
+
+@dataclass
+class _Worker:
+    """What one worker holds for the whole run."""
+
+    config: RaypoConfig
+    engine: Any
+    reference: Any
+    strength: StrengthDistribution | None
+    strength_optimizer: torch.optim.Optimizer | None
+    pad_token_id: int
+    device: torch.device
+    rank: int
+    world_size: int
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norms and embeddings are not decayed (as in HF Trainer)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            exempt = param.ndim < 2 or any(part in name.lower() for part in _NO_DECAY)
+            (no_decay if exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _online_reference(config: RaypoConfig, reference_path: str, world_size: int) -> Any:
+    model, _ = load_policy(reference_path, config.model.dtype)
+    model.requires_grad_(False)
+    model.eval()
+    if config.trainer.zero_stage == 3:
+        ds_config = reference_deepspeed_config(config.trainer, config.model, world_size)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return engine.module
+    device = torch.device("cuda" if config.trainer.use_gpu else "cpu")
+    return model.to(device)
+
+
+def _build_worker(config: RaypoConfig, payload: dict[str, Any]) -> _Worker:
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed)
+    policy, tokenizer = load_policy(payload["policy_path"], config.model.dtype)
+    if config.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    ds_config = deepspeed_config(config.trainer, config.model, world_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=policy,
+        model_parameters=_param_groups(policy, config.trainer.weight_decay),
+        config=ds_config,
+        lr_scheduler=partial(
+            build_scheduler, trainer=config.trainer, total_steps=payload["total_steps"]
+        ),
+    )
+    strength = strength_optimizer = None
+    if objective(config.loss.type).learns_strength:
+        loss = config.loss
+        strength = StrengthDistribution(
+            family=loss.mixdpo_distribution,
+            mean=loss.beta,
+            cv=loss.mixdpo_init_cv,
+            learn_mean=loss.mixdpo_learn_mean,
+            estimator=loss.mixdpo_estimator,
+            num_points=loss.mixdpo_num_points,
+        ).to(engine.device)
+        # Its own optimizer and learning rate, never decayed (MixDPO, METHODS.md).
+        strength_optimizer = torch.optim.Adam(strength.parameters(), lr=loss.mixdpo_lr)
+    reference = None
+    if config.reference.mode == "online":
+        reference = _online_reference(config, payload["reference_path"], world_size)
+    return _Worker(
+        config=config,
+        engine=engine,
+        reference=reference,
+        strength=strength,
+        strength_optimizer=strength_optimizer,
+        pad_token_id=tokenizer.pad_token_id,
+        device=engine.device,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def _reference_values(worker: _Worker, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The reference columns for this batch: precomputed, from the online model, or none."""
+    mode = worker.config.reference.mode
+    if mode == "precomputed":
+        return {name: tensors[name] for name in tensors if name.startswith("ref_")}
+    if mode == "online":
+        return reference_columns(
+            worker.reference,
+            tensors,
+            worker.config.trainer.logits_chunk_size,
+            partitioned_head=worker.config.trainer.zero_stage == 3,
+        )
+    return {}
+
+
+def _pair_loss(worker: _Worker, micro: MicroBatch, train: bool) -> tuple[Tensor, dict, int]:
+    """Loss, metrics and token count of one micro-batch (policy forward with grad if ``train``)."""
+    config = worker.config
+    collated = collate_pairs(micro.rows, worker.pad_token_id)
+    tensors = {name: value.to(worker.device) for name, value in collated.items()}
+    with torch.set_grad_enabled(train):
+        stats = sequence_stats(
+            worker.engine.module,
+            tensors,
+            chunk_size=config.trainer.logits_chunk_size,
+            compute_entropy=False,
+            partitioned_head=config.trainer.zero_stage == 3,
+        )
+        reference = _reference_values(worker, tensors)
+        chosen, rejected = split_pairs(stats.logps)
+        chosen_lengths, rejected_lengths = split_pairs(stats.lengths)
+        dispersion = None
+        if objective(config.loss.type).uses_dispersion:
+            dispersion = dispersion_weight(
+                reference["ref_hn_chosen"],
+                reference["ref_hn_rejected"],
+                config.loss.dispersion_scale,
+            )
+        batch = PreferenceBatch(
+            policy_chosen_logps=chosen,
+            policy_rejected_logps=rejected,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            reference_chosen_logps=reference.get("ref_chosen_logps"),
+            reference_rejected_logps=reference.get("ref_rejected_logps"),
+            dispersion=dispersion,
+        )
+        loss, metrics = preference_loss(config.loss, batch, worker.strength)
+    if "ref_chosen_logps" in reference:
+        ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
+        metrics["reference/accuracies"] = (ref_margin > 0).float().mean()
+    tokens = int(tensors["attention_mask"].sum())
+    return loss, metrics, tokens
+
+
+def _sync_strength_gradients(worker: _Worker) -> None:
+    """Average the (replicated, un-engined) strength gradients over workers, then step them."""
+    if worker.strength is None:
+        return
+    for param in worker.strength.parameters():
+        if param.grad is not None and dist.is_initialized():
+            dist.all_reduce(param.grad)
+            param.grad /= worker.world_size
+    worker.strength_optimizer.step()
+    worker.strength_optimizer.zero_grad()
+
+
+def evaluate(worker: _Worker) -> dict[str, float]:
+    """Held-out metrics over the whole ``eval`` shard of every worker, as ``eval/<name>``."""
+    shard = ray.train.get_dataset_shard("eval")
+    if shard is None:
+        return {}
+    sums = _Sums()
+    batches = shard.iter_batches(
+        batch_size=worker.config.trainer.per_device_batch_size, batch_format="numpy"
+    )
+    worker.engine.module.eval()
+    for micro in lockstep_batches(batches, consumed=set()):
+        _, metrics, tokens = _pair_loss(worker, micro, train=False)
+        if micro.real:
+            sums.add(metrics, len(micro.rows["id"]), tokens)
+    worker.engine.module.train()
+    means, pairs, _ = sums.reduce()
+    return {f"eval/{name}": value for name, value in means.items()} | {"eval/pairs": pairs}
+
+
+def _report(metrics: dict[str, float], state: TrainState) -> None:
+    """Report metrics to Ray Train (every worker must, at the same step)."""
+    ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
+
+
+def _checkpoint(worker: _Worker, metrics: dict[str, float], state: TrainState) -> None:
+    """Save every rank's part of a checkpoint and report it with the metrics."""
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(
+            Path(directory),
+            worker.engine,
+            state,
+            worker.rank,
+            worker.strength,
+            worker.strength_optimizer,
+        )
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({**metrics, "step": state.step, "epoch": state.epoch}, checkpoint)
+
+
+def _log_metrics(worker: _Worker, sums: _Sums, seconds: float) -> dict[str, float]:
+    means, pairs, tokens = sums.reduce()
+    optimizer = worker.engine.optimizer
+    return {
+        **means,
+        "learning_rate": float(optimizer.param_groups[0]["lr"]),
+        "grad_norm": float(worker.engine.get_global_grad_norm() or 0.0),
+        "samples_per_s": pairs / max(seconds, 1e-9),
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "step_time_s": seconds,
+        **(
+            {f"mixdpo/{k}": float(v) for k, v in worker.strength.moments().items()}
+            if worker.strength is not None
+            else {}
+        ),
+    }
+
+
+def _train_epoch(worker: _Worker, state: TrainState, total_steps: int) -> bool:
+    """One pass over this worker's shard from where ``state`` says; True when training is done."""
+    trainer = worker.config.trainer
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_batches(batch_size=trainer.per_device_batch_size, batch_format="numpy")
+    sums, started = _Sums(), time.perf_counter()
+    for micro in lockstep_batches(batches, state.consumed):
+        loss, metrics, tokens = _pair_loss(worker, micro, train=True)
+        boundary = worker.engine.is_gradient_accumulation_boundary()
+        worker.engine.backward(loss if micro.real else loss * 0.0)
+        if boundary:
+            _sync_strength_gradients(worker)
+        worker.engine.step()
+        if micro.real:
+            sums.add(metrics, len(micro.rows["id"]), tokens)
+            state.consumed.update(micro.ids)
+        if not boundary:
+            continue
+        state.step += 1
+        done = state.step >= total_steps
+        metrics_out: dict[str, float] = {}
+        if state.step % trainer.logging_steps == 0 or done:
+            metrics_out = _log_metrics(worker, sums, time.perf_counter() - started)
+            sums, started = _Sums(), time.perf_counter()
+        if trainer.eval_steps and (state.step % trainer.eval_steps == 0 or done):
+            metrics_out |= evaluate(worker)
+        if (trainer.save_steps and state.step % trainer.save_steps == 0) or done:
+            _checkpoint(worker, metrics_out, state)
+        elif metrics_out:
+            _report(metrics_out, state)
+        if done:
+            return True
+    return False
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: build, restore, train, export."""
+    config: RaypoConfig = payload["config"]
+    worker = _build_worker(config, payload)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(
+                Path(directory),
+                worker.engine,
+                worker.rank,
+                worker.strength,
+                worker.strength_optimizer,
+            )
+    total_steps = payload["total_steps"]
+    while state.step < total_steps:
+        if _train_epoch(worker, state, total_steps):
+            break
+        state.epoch += 1
+        state.consumed = set()
+    export_policy(worker.engine, payload["tokenizer_path"], Path(payload["final_dir"]), worker.rank)

@@ -1,0 +1,178 @@
+"""``raypo train``: prepare the data, optionally fit the tiny model, then run Ray Train.
+
+The driver does the data stages (:mod:`raypo.data.prepare`), writes the resolved config to
+``RUN_DIR/config.yaml`` and launches a ``TorchTrainer`` whose workers run
+:func:`raypo.train.loop.train_worker`. Ray Train keeps its checkpoints under
+``trainer.storage_path`` (default ``RUN_DIR/ray``); a run restarted with the same storage path and
+name (``raypo train --resume RUN_DIR``) continues from the latest one, and worker failures restart
+from it automatically up to ``trainer.max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, save_config
+from raypo.data.pipeline import PreparedData, prepare_pairs, read_split
+from raypo.data.reference import run_reference_pass
+from raypo.data.validate import DataQualityError
+from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
+from raypo.ray_runtime import init_ray
+from raypo.train.loop import train_worker
+from raypo.train.metrics import MetricsLogger
+from raypo.train.schedule import total_training_steps
+from raypo.train.tiny_fit import fit_reference
+
+FIT_TEXTS = 2000
+"""At most this many chosen dialogues are used to fit the tiny model."""
+
+
+class MetricsCallback(ray.train.UserCallback):
+    """Writes rank 0's reports to RUN_DIR/metrics.jsonl and prints progress (controller side)."""
+
+    def __init__(self, run_path: Path, total_steps: int, report_to: list[str]) -> None:
+        self.run_path = run_path
+        self.total_steps = total_steps
+        self.report_to = report_to
+        self.logger: MetricsLogger | None = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint) -> None:
+        # Created on Ray Train's controller: the callback is pickled, and a logger holds a file.
+        if self.logger is None:
+            self.logger = MetricsLogger(self.run_path, self.total_steps, self.report_to, True)
+        values = dict(metrics[0])
+        step = int(values.pop("step"))
+        epoch = values.pop("epoch", None)
+        if values:
+            self.logger.log(step, values, epoch=epoch)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run put its outputs."""
+
+    run_path: Path
+    """RUN_DIR."""
+    final_dir: Path
+    """The exported policy (HF format)."""
+    metrics: dict[str, Any]
+    """The last metrics reported."""
+
+
+def _fit_tiny(config: RaypoConfig, prepared: PreparedData) -> RaypoConfig:
+    """Fit the embedded tiny model to the chosen dialogues so the reference is not random."""
+    tokenizer = load_tokenizer(config.model.tokenizer_path)
+    rows = read_split(prepared.split_path("train")).limit(FIT_TEXTS).take_all()
+    texts = [tokenizer.decode(list(r["prompt_ids"]) + list(r["chosen_ids"])) for r in rows]
+    fitted = fit_reference(
+        resolve_model_path(TINY_NAME),
+        texts,
+        config.run_path / "tiny-fit",
+        steps=config.model.tiny_fit_steps,
+        max_length=config.data.max_length,
+        seed=config.seed,
+    )
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(
+            config.model, name_or_path=str(fitted), tokenizer_name_or_path=str(fitted)
+        ),
+    )
+
+
+def _storage(config: RaypoConfig) -> str:
+    return str(Path(config.trainer.storage_path or config.run_path / "ray").resolve())
+
+
+def _refuse_accidental_resume(config: RaypoConfig, resume: bool) -> None:
+    existing = Path(_storage(config)) / config.name
+    if not resume and existing.exists() and any(p.is_dir() for p in existing.glob("checkpoint_*")):
+        raise SystemExit(
+            f"raypo train: {existing} already holds checkpoints of a run named {config.name!r}; "
+            f"continue it with `raypo train --resume {config.run_path}` or choose another "
+            "--run_dir or --name"
+        )
+
+
+def train(config: RaypoConfig, resume: bool = False) -> TrainResult:
+    """Run the whole training job described by ``config`` (see the module docstring)."""
+    config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
+    _refuse_accidental_resume(config, resume)
+    init_ray()
+    prepared = prepare_pairs(config)
+    if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
+        config = _fit_tiny(config, prepared)
+    split_path = prepared.split_path
+    if config.reference.mode == "precomputed":
+        split_path = run_reference_pass(config, prepared).split_path
+    save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
+
+    trainer_config = config.trainer
+    total_steps = total_training_steps(
+        prepared.split_counts["train"], trainer_config, trainer_config.num_workers
+    )
+    datasets = {"train": read_split(split_path("train"), shuffle_seed=config.seed)}
+    if prepared.split_counts["eval"]:
+        datasets["eval"] = read_split(split_path("eval"))
+    final_dir = config.run_path / "final"
+    payload = {
+        "config": config,
+        "total_steps": total_steps,
+        "policy_path": resolve_model_path(config.model.name_or_path),
+        "reference_path": resolve_model_path(config.reference_model_path),
+        "tokenizer_path": resolve_model_path(config.model.tokenizer_path),
+        "final_dir": str(final_dir),
+    }
+    resources = {"CPU": trainer_config.cpus_per_worker}
+    if trainer_config.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=trainer_config.num_workers,
+            use_gpu=trainer_config.use_gpu,
+            resources_per_worker=resources,
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=_storage(config),
+            failure_config=FailureConfig(max_failures=trainer_config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=trainer_config.save_total_limit),
+            callbacks=[MetricsCallback(config.run_path, total_steps, trainer_config.report_to)],
+        ),
+    )
+    result = trainer.fit()
+    return TrainResult(config.run_path, final_dir, dict(result.metrics or {}))
+
+
+def main(config: RaypoConfig, args: argparse.Namespace) -> int:
+    """CLI entry of ``raypo train``."""
+    try:
+        result = train(config, resume=bool(getattr(args, "resume", None)))
+    except DataQualityError as error:
+        print(f"raypo train: {error}", file=sys.stderr)
+        return 1
+    metrics = result.metrics
+    if "eval/rewards/accuracies" in metrics:
+        print(
+            f"held-out implicit-reward accuracy: {metrics['eval/rewards/accuracies']:.3f} "
+            f"(reference model's likelihood accuracy: "
+            f"{metrics.get('eval/reference/accuracies', float('nan')):.3f}) "
+            f"on {int(metrics.get('eval/pairs', 0))} pairs"
+        )
+    print(f"run directory: {result.run_path}")
+    print(f"metrics: {result.run_path / 'metrics.jsonl'}")
+    print(f"final policy: {result.final_dir}")
+    return 0

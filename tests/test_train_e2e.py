@@ -1,0 +1,117 @@
+"""End-to-end training on real Ray Train workers with real DeepSpeed on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from raypo.config import load_config
+from raypo.models import load_tokenizer, resolve_model_path
+from raypo.train.metrics import read_metrics
+from raypo.train.run import train
+from raypo.train.tiny_fit import fit_reference
+
+pytestmark = pytest.mark.slow
+
+TRL_NAMES = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "tokens_per_s",
+    "samples_per_s",
+    "learning_rate",
+    "grad_norm",
+}
+
+
+def _config(run_dir: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"--run_dir={run_dir}",
+            "--data.max_rows=48",
+            "--data.max_length=96",
+            "--data.max_prompt_length=64",
+            "--data.eval_fraction=0.2",
+            "--data.num_cpus_per_op=0.25",
+            "--reference.batch_size=16",
+            "--reference.cpus_per_actor=0.5",
+            "--trainer.num_workers=2",
+            "--trainer.cpus_per_worker=0.5",
+            "--trainer.torch_adam=true",
+            "--trainer.per_device_batch_size=4",
+            "--trainer.learning_rate=1e-3",
+            "--trainer.logging_steps=1",
+            *overrides,
+        ],
+    )
+
+
+def test_mallows_theta_zero2_trains_logs_checkpoints_and_exports(ray_session, tmp_path: Path):
+    config = _config(
+        tmp_path / "run",
+        "--loss.type=mallows_theta",
+        "--loss.beta=1.0",
+        "--trainer.zero_stage=2",
+        "--trainer.max_steps=4",
+        "--trainer.save_steps=2",
+        "--trainer.save_total_limit=1",
+        "--trainer.eval_steps=4",
+    )
+    result = train(config)
+    metrics = read_metrics(result.run_path)
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    assert TRL_NAMES | {"dispersion/mean", "dispersion/std"} <= set(metrics[-1])
+    assert metrics[-1]["eval/pairs"] > 0 and "eval/rewards/accuracies" in metrics[-1]
+    checkpoints = [
+        p for p in (result.run_path / "ray" / config.name).glob("checkpoint_*") if p.is_dir()
+    ]
+    assert len(checkpoints) == 1  # save_total_limit = 1
+    assert (checkpoints[0] / "train_state_rank0.pt").exists()
+    assert (checkpoints[0] / "train_state_rank1.pt").exists()
+
+    policy = AutoModelForCausalLM.from_pretrained(result.final_dir, local_files_only=True)
+    initial = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny"))
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(policy.parameters(), initial.parameters(), strict=True)
+    ]
+    assert all(changed)
+    tokenizer = load_tokenizer(str(result.final_dir))
+    assert tokenizer.pad_token_id is not None
+    saved = json.loads((result.run_path / "data_summary.json").read_text())
+    assert saved["total"] == 48
+
+
+def test_precomputed_and_online_reference_give_the_same_first_step(ray_session, tmp_path: Path):
+    """The reference differs from the policy (a briefly fitted copy), so h != 0 at step 1 and the
+    first loss depends on the reference log-probs; one worker keeps the pair order identical."""
+    tokenizer = load_tokenizer("tiny")
+    texts = [tokenizer.decode(tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"])] * 32
+    reference = fit_reference(resolve_model_path("tiny"), texts, tmp_path / "ref", steps=20)
+    losses = {}
+    for mode, stage in (("precomputed", 2), ("online", 3)):
+        config = _config(
+            tmp_path / mode,
+            "--loss.type=mallows_theta",
+            "--loss.beta=1.0",
+            "--loss.dispersion_scale=20",
+            f"--reference.mode={mode}",
+            f"--reference.model_name_or_path={reference}",
+            f"--trainer.zero_stage={stage}",
+            "--trainer.num_workers=1",
+            "--trainer.max_steps=1",
+            "--trainer.save_steps=0",
+        )
+        metrics = read_metrics(train(config).run_path)
+        losses[mode] = metrics[0]["loss"]
+    assert losses["precomputed"] == pytest.approx(losses["online"], rel=1e-5), losses
+    assert abs(losses["precomputed"] - 0.6931) > 1e-3, losses  # ln 2 would mean h = 0
