@@ -10,9 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from raypo.config import load_config
+from raypo.data.pipeline import read_split
 from raypo.models import load_tokenizer, resolve_model_path
+from raypo.train.checkpoint import trained_ids
 from raypo.train.metrics import read_metrics
-from raypo.train.run import train
+from raypo.train.run import FAULT_ENV, train
 from raypo.train.tiny_fit import fit_reference
 
 pytestmark = pytest.mark.slow
@@ -115,3 +117,56 @@ def test_precomputed_and_online_reference_give_the_same_first_step(ray_session, 
         losses[mode] = metrics[0]["loss"]
     assert losses["precomputed"] == pytest.approx(losses["online"], rel=1e-5), losses
     assert abs(losses["precomputed"] - 0.6931) > 1e-3, losses  # ln 2 would mean h = 0
+
+
+def _latest_checkpoint(run_path: Path, name: str) -> Path:
+    directories = [p for p in (run_path / "ray" / name).glob("checkpoint_*") if p.is_dir()]
+    return max(directories, key=lambda p: p.name)
+
+
+def _epoch_config(run_dir: Path, *overrides: str):
+    """One whole epoch of 48 pairs (no held-out split) on 2 workers: 6 steps of 8 pairs."""
+    return _config(
+        run_dir,
+        "--data.max_rows=48",
+        "--data.eval_fraction=0",
+        "--loss.type=dpo",
+        "--trainer.zero_stage=2",
+        "--trainer.num_epochs=1",
+        "--trainer.save_steps=2",
+        *overrides,
+    )
+
+
+def _train_ids(run_path: Path) -> list[str]:
+    rows = read_split(run_path / "prepared" / "split=train").take_all()
+    return sorted(row["id"] for row in rows)
+
+
+def test_killed_worker_restarts_from_checkpoint_without_losing_or_repeating_pairs(
+    ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "3")  # after the step-2 checkpoint
+    config = _epoch_config(tmp_path / "run", "--trainer.max_failures=1")
+    result = train(config)
+    assert (result.run_path / "fault_injected").exists()
+    ids = _train_ids(result.run_path)
+    assert len(ids) == 48
+    assert trained_ids(_latest_checkpoint(result.run_path, config.name)) == ids
+    assert (result.final_dir / "model.safetensors").exists()
+
+
+def test_resume_after_the_whole_job_stopped_trains_each_pair_once(
+    ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "3")
+    config = _epoch_config(tmp_path / "run", "--trainer.max_failures=0")
+    with pytest.raises(Exception, match="(?i)fail|error"):
+        train(config)
+    monkeypatch.delenv(FAULT_ENV)
+    with pytest.raises(SystemExit, match="--resume"):
+        train(config)  # a fresh start would silently resume: refused
+    result = train(config, resume=True)
+    assert trained_ids(_latest_checkpoint(result.run_path, config.name)) == _train_ids(
+        result.run_path
+    )

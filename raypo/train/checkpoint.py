@@ -2,9 +2,10 @@
 
 A checkpoint directory holds the DeepSpeed engine (model, optimizer, LR scheduler; one shard per
 rank under ZeRO), and per rank a ``train_state_rank{r}.pt`` with the step, the epoch, the pair ids
-that rank consumed in the current epoch, its RNG states, and the MixDPO strength distribution with
-its optimizer. Ray Train uploads every rank's files into one checkpoint; on restore each rank reads
-all ranks' consumed ids, since ``streaming_split`` may now send it rows another rank had.
+that rank trained on in the current epoch (in order, repeats kept, so the files together are the
+epoch's multiset), its RNG states, and the MixDPO strength distribution with its optimizer. Ray
+Train uploads every rank's files into one checkpoint; on restore each rank reads all ranks' ids,
+since ``streaming_split`` may now send it rows another rank had.
 """
 
 from __future__ import annotations
@@ -30,7 +31,21 @@ class TrainState:
     epoch: int = 0
     """Current pass over the training split (0-based)."""
     consumed: set[str] = field(default_factory=set)
-    """Ids of the pairs trained on in the current epoch (by this rank, or by all after restore)."""
+    """Ids of the pairs trained on in the current epoch by any rank (skipped after a restore)."""
+    trained: list[str] = field(default_factory=list)
+    """Ids this rank trained on in the current epoch, in order; after a restore rank 0 also
+    carries every rank's earlier ids, so the ranks' lists together stay the epoch's multiset."""
+
+    def record(self, ids: list[str]) -> None:
+        """Note that this rank trained on ``ids``."""
+        self.consumed.update(ids)
+        self.trained.extend(ids)
+
+    def next_epoch(self) -> None:
+        """Start a new pass: nothing consumed yet."""
+        self.epoch += 1
+        self.consumed = set()
+        self.trained = []
 
 
 def _state_file(directory: Path, rank: int) -> Path:
@@ -64,7 +79,7 @@ def save_checkpoint(
     payload = {
         "step": state.step,
         "epoch": state.epoch,
-        "consumed": sorted(state.consumed),
+        "trained": state.trained,
         "rng": _rng_states(),
         "strength": None if strength is None else strength.state_dict(),
         "strength_optimizer": None
@@ -88,13 +103,22 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint {directory} has no train_state_rank*.pt files")
     payloads = {path: torch.load(path, weights_only=False) for path in files}
     own = payloads.get(_state_file(directory, rank), payloads[files[0]])
-    consumed: set[str] = set()
-    for payload in payloads.values():
-        consumed.update(payload["consumed"])
+    trained = [pair_id for payload in payloads.values() for pair_id in payload["trained"]]
     if _state_file(directory, rank) in payloads:
         _restore_rng(own["rng"])
     if strength is not None and own["strength"] is not None:
         strength.load_state_dict(own["strength"])
     if strength_optimizer is not None and own["strength_optimizer"] is not None:
         strength_optimizer.load_state_dict(own["strength_optimizer"])
-    return TrainState(step=own["step"], epoch=own["epoch"], consumed=consumed)
+    return TrainState(
+        step=own["step"],
+        epoch=own["epoch"],
+        consumed=set(trained),
+        trained=trained if rank == 0 else [],
+    )
+
+
+def trained_ids(directory: Path) -> list[str]:
+    """The multiset (as a sorted list) of pair ids trained in the checkpoint's current epoch."""
+    files = sorted(directory.glob("train_state_rank*.pt"))
+    return sorted(i for path in files for i in torch.load(path, weights_only=False)["trained"])

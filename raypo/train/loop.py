@@ -9,6 +9,7 @@ every ``logging_steps``; checkpoints every ``save_steps``; held-out metrics ever
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -256,6 +257,20 @@ def _checkpoint(worker: _Worker, metrics: dict[str, float], state: TrainState) -
         ray.train.report({**metrics, "step": state.step, "epoch": state.epoch}, checkpoint)
 
 
+@dataclass
+class _Progress:
+    """Metric sums since the last log line, and when that interval started."""
+
+    sums: _Sums = field(default_factory=_Sums)
+    started: float = field(default_factory=time.perf_counter)
+
+    def flush(self, worker: _Worker) -> dict[str, float]:
+        """The interval's metrics averaged over all workers; starts a new interval."""
+        metrics = _log_metrics(worker, self.sums, time.perf_counter() - self.started)
+        self.sums, self.started = _Sums(), time.perf_counter()
+        return metrics
+
+
 def _log_metrics(worker: _Worker, sums: _Sums, seconds: float) -> dict[str, float]:
     means, pairs, tokens = sums.reduce()
     optimizer = worker.engine.optimizer
@@ -274,12 +289,39 @@ def _log_metrics(worker: _Worker, sums: _Sums, seconds: float) -> dict[str, floa
     }
 
 
-def _train_epoch(worker: _Worker, state: TrainState, total_steps: int) -> bool:
-    """One pass over this worker's shard from where ``state`` says; True when training is done."""
+def _maybe_fail(payload: dict[str, Any], worker: _Worker, state: TrainState) -> None:
+    """Fault injection for recovery tests (``RAYPO_FAULT_AT_STEP`` on the driver): the last rank
+    dies hard once, at that step, in an attempt that did not start from a checkpoint."""
+    if payload["fail_at_step"] != state.step or payload["restored"]:
+        return
+    if worker.rank == worker.world_size - 1:
+        marker = Path(payload["fault_marker"])
+        marker.write_text(f"rank {worker.rank} killed at step {state.step}\n")
+        os._exit(1)
+
+
+def _after_step(worker: _Worker, payload: dict, state: TrainState, progress: _Progress) -> None:
+    trainer = worker.config.trainer
+    metrics_out: dict[str, float] = {}
+    if state.step % trainer.logging_steps == 0:
+        metrics_out = progress.flush(worker)
+    if trainer.eval_steps and state.step % trainer.eval_steps == 0:
+        metrics_out |= evaluate(worker)
+    if trainer.save_steps and state.step % trainer.save_steps == 0:
+        _checkpoint(worker, metrics_out, state)
+    elif metrics_out:
+        _report(metrics_out, state)
+    _maybe_fail(payload, worker, state)
+
+
+def _train_epoch(
+    worker: _Worker, payload: dict, state: TrainState, progress: _Progress, stop_at: int | None
+) -> bool:
+    """Train on this worker's shard until it and every other shard is exhausted, or until step
+    ``stop_at``; True when stopped by the step limit."""
     trainer = worker.config.trainer
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_batches(batch_size=trainer.per_device_batch_size, batch_format="numpy")
-    sums, started = _Sums(), time.perf_counter()
     for micro in lockstep_batches(batches, state.consumed):
         loss, metrics, tokens = _pair_loss(worker, micro, train=True)
         boundary = worker.engine.is_gradient_accumulation_boundary()
@@ -288,33 +330,38 @@ def _train_epoch(worker: _Worker, state: TrainState, total_steps: int) -> bool:
             _sync_strength_gradients(worker)
         worker.engine.step()
         if micro.real:
-            sums.add(metrics, len(micro.rows["id"]), tokens)
-            state.consumed.update(micro.ids)
+            progress.sums.add(metrics, len(micro.rows["id"]), tokens)
+            state.record(micro.ids)
         if not boundary:
             continue
         state.step += 1
-        done = state.step >= total_steps
-        metrics_out: dict[str, float] = {}
-        if state.step % trainer.logging_steps == 0 or done:
-            metrics_out = _log_metrics(worker, sums, time.perf_counter() - started)
-            sums, started = _Sums(), time.perf_counter()
-        if trainer.eval_steps and (state.step % trainer.eval_steps == 0 or done):
-            metrics_out |= evaluate(worker)
-        if (trainer.save_steps and state.step % trainer.save_steps == 0) or done:
-            _checkpoint(worker, metrics_out, state)
-        elif metrics_out:
-            _report(metrics_out, state)
-        if done:
+        if state.step == stop_at:
             return True
+        _after_step(worker, payload, state, progress)
     return False
 
 
+def _finish(worker: _Worker, state: TrainState, progress: _Progress) -> None:
+    """Last metrics, held-out evaluation and checkpoint of the run."""
+    metrics_out = progress.flush(worker)
+    if worker.config.trainer.eval_steps:
+        metrics_out |= evaluate(worker)
+    _checkpoint(worker, metrics_out, state)
+
+
 def train_worker(payload: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: build, restore, train, export."""
+    """Ray Train's ``train_loop_per_worker``: build, restore, train, export.
+
+    With ``trainer.max_steps`` (or a fractional ``num_epochs``) training stops at that step count;
+    otherwise every epoch runs until all its pairs are trained, so that a run restarted from a
+    checkpoint trains each pair exactly once per epoch even when the rows left are spread
+    unevenly over the workers (the few extra steps this can take run at the schedule's end).
+    """
     config: RaypoConfig = payload["config"]
     worker = _build_worker(config, payload)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    payload = {**payload, "restored": checkpoint is not None}
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(
@@ -324,10 +371,15 @@ def train_worker(payload: dict[str, Any]) -> None:
                 worker.strength,
                 worker.strength_optimizer,
             )
-    total_steps = payload["total_steps"]
-    while state.step < total_steps:
-        if _train_epoch(worker, state, total_steps):
+    trainer = config.trainer
+    whole_epochs = trainer.max_steps is None and float(trainer.num_epochs).is_integer()
+    stop_at = None if whole_epochs else payload["total_steps"]
+    progress = _Progress()
+    while stop_at is None or state.step < stop_at:
+        if _train_epoch(worker, payload, state, progress, stop_at):
             break
-        state.epoch += 1
-        state.consumed = set()
+        if whole_epochs and state.epoch + 1 >= trainer.num_epochs:
+            break
+        state.next_epoch()
+    _finish(worker, state, progress)
     export_policy(worker.engine, payload["tokenizer_path"], Path(payload["final_dir"]), worker.rank)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from raypo.train.metrics import MetricsLogger
 from raypo.train.schedule import total_training_steps
 from raypo.train.tiny_fit import fit_reference
 
+FAULT_ENV = "RAYPO_FAULT_AT_STEP"
+"""Fault injection for recovery tests: the last worker dies once at this optimizer step."""
 FIT_TEXTS = 2000
 """At most this many chosen dialogues are used to fit the tiny model."""
 
@@ -131,6 +134,8 @@ def train(config: RaypoConfig, resume: bool = False) -> TrainResult:
         "reference_path": resolve_model_path(config.reference_model_path),
         "tokenizer_path": resolve_model_path(config.model.tokenizer_path),
         "final_dir": str(final_dir),
+        "fail_at_step": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
+        "fault_marker": str(config.run_path / "fault_injected"),
     }
     resources = {"CPU": trainer_config.cpus_per_worker}
     if trainer_config.use_gpu:
