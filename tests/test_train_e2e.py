@@ -57,12 +57,15 @@ def _config(run_dir: Path, *overrides: str):
     )
 
 
-def test_mallows_theta_zero2_trains_logs_checkpoints_and_exports(ray_session, tmp_path: Path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_mallows_theta_trains_logs_checkpoints_and_exports(
+    ray_session, tmp_path: Path, stage: int
+) -> None:
     config = _config(
         tmp_path / "run",
         "--loss.type=mallows_theta",
         "--loss.beta=1.0",
-        "--trainer.zero_stage=2",
+        f"--trainer.zero_stage={stage}",
         "--trainer.max_steps=4",
         "--trainer.save_steps=2",
         "--trainer.save_total_limit=1",
