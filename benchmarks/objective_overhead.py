@@ -28,9 +28,8 @@ from raypo.data.collate import collate_pairs
 from raypo.data.formats import split_hh
 from raypo.data.records import PreferencePair
 from raypo.data.tokenize import tokenize_pairs
-from raypo.dispersion import dispersion_weight
-from raypo.forward import reference_columns, sequence_stats, split_pairs
-from raypo.losses import PreferenceBatch, StrengthDistribution, preference_loss
+from raypo.forward import preference_batch, reference_columns, sequence_stats
+from raypo.losses import StrengthDistribution, preference_loss
 from raypo.models import TinyModelSpec, build_tiny_model, load_tokenizer
 
 HH = Path(__file__).resolve().parents[1] / "tests" / "data" / "hh_harmless_1800.jsonl.gz"
@@ -61,17 +60,7 @@ def _peak_rss_bytes() -> int:
 
 def _step(model, optimizer, batch, name: str, strength) -> None:
     stats = sequence_stats(model, batch, compute_entropy=False)
-    chosen, rejected = split_pairs(stats.logps)
-    chosen_lengths, rejected_lengths = split_pairs(stats.lengths)
-    inputs = PreferenceBatch(
-        chosen,
-        rejected,
-        chosen_lengths,
-        rejected_lengths,
-        batch["ref_chosen_logps"],
-        batch["ref_rejected_logps"],
-        dispersion_weight(batch["ref_hn_chosen"], batch["ref_hn_rejected"], 0.29),
-    )
+    inputs = preference_batch(stats, batch, 0.29)
     loss, _ = preference_loss(dataclasses.replace(LossConfig(), type=name), inputs, strength)
     optimizer.zero_grad()
     loss.backward()

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from raypo.dispersion import SequenceStats, sequence_logps_and_entropy
+from raypo.dispersion import SequenceStats, dispersion_weight, sequence_logps_and_entropy
+from raypo.losses import PreferenceBatch
 
 
 def lm_head(model: nn.Module) -> nn.Linear:
@@ -92,3 +93,27 @@ def reference_columns(
         "ref_hn_chosen": hn_chosen,
         "ref_hn_rejected": hn_rejected,
     }
+
+
+def preference_batch(
+    policy: SequenceStats, reference: Mapping[str, Tensor], dispersion_scale: float | None
+) -> PreferenceBatch:
+    """What :func:`raypo.losses.preference_loss` needs, from the policy's per-sequence stats and the
+    reference columns (``ref_*``; empty for reference-free objectives). With a
+    ``dispersion_scale`` the weight ``w(x)`` is computed from the reference's ``Hn``."""
+    chosen, rejected = split_pairs(policy.logps)
+    chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
+    dispersion = None
+    if dispersion_scale is not None:
+        dispersion = dispersion_weight(
+            reference["ref_hn_chosen"], reference["ref_hn_rejected"], dispersion_scale
+        )
+    return PreferenceBatch(
+        policy_chosen_logps=chosen,
+        policy_rejected_logps=rejected,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        reference_chosen_logps=reference.get("ref_chosen_logps"),
+        reference_rejected_logps=reference.get("ref_rejected_logps"),
+        dispersion=dispersion,
+    )

@@ -20,9 +20,8 @@ from raypo.data.collate import collate_pairs
 from raypo.data.formats import split_hh
 from raypo.data.records import PreferencePair
 from raypo.data.tokenize import tokenize_pairs
-from raypo.dispersion import dispersion_weight
-from raypo.forward import reference_columns, sequence_stats, split_pairs
-from raypo.losses import OBJECTIVES, PreferenceBatch, StrengthDistribution, preference_loss
+from raypo.forward import preference_batch, reference_columns, sequence_stats
+from raypo.losses import OBJECTIVES, StrengthDistribution, preference_loss
 from raypo.models import load_policy
 
 HH_GZ = Path(__file__).parent / "data" / "hh_harmless_1800.jsonl.gz"
@@ -50,18 +49,7 @@ def fixed_batch(raypo_cache: str) -> dict[str, torch.Tensor]:
 
 def _loss(model, batch, config: LossConfig, strength) -> torch.Tensor:
     stats = sequence_stats(model, batch, compute_entropy=False)
-    chosen, rejected = split_pairs(stats.logps)
-    chosen_lengths, rejected_lengths = split_pairs(stats.lengths)
-    w = dispersion_weight(batch["ref_hn_chosen"], batch["ref_hn_rejected"], DISPERSION_SCALE)
-    inputs = PreferenceBatch(
-        chosen,
-        rejected,
-        chosen_lengths,
-        rejected_lengths,
-        batch["ref_chosen_logps"],
-        batch["ref_rejected_logps"],
-        w,
-    )
+    inputs = preference_batch(stats, batch, DISPERSION_SCALE)
     return preference_loss(config, inputs, strength)[0]
 
 

@@ -25,9 +25,8 @@ from torch import Tensor
 
 from raypo.config import RaypoConfig
 from raypo.data.collate import collate_pairs
-from raypo.dispersion import dispersion_weight
-from raypo.forward import reference_columns, sequence_stats, split_pairs
-from raypo.losses import PreferenceBatch, StrengthDistribution, objective, preference_loss
+from raypo.forward import preference_batch, reference_columns, sequence_stats
+from raypo.losses import StrengthDistribution, objective, preference_loss
 from raypo.models import load_policy
 from raypo.train.batches import MicroBatch, lockstep_batches
 from raypo.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -180,24 +179,9 @@ def _pair_loss(worker: _Worker, micro: MicroBatch, train: bool) -> tuple[Tensor,
             partitioned_head=config.trainer.zero_stage == 3,
         )
         reference = _reference_values(worker, tensors)
-        chosen, rejected = split_pairs(stats.logps)
-        chosen_lengths, rejected_lengths = split_pairs(stats.lengths)
-        dispersion = None
-        if objective(config.loss.type).uses_dispersion:
-            dispersion = dispersion_weight(
-                reference["ref_hn_chosen"],
-                reference["ref_hn_rejected"],
-                config.loss.dispersion_scale,
-            )
-        batch = PreferenceBatch(
-            policy_chosen_logps=chosen,
-            policy_rejected_logps=rejected,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            reference_chosen_logps=reference.get("ref_chosen_logps"),
-            reference_rejected_logps=reference.get("ref_rejected_logps"),
-            dispersion=dispersion,
-        )
+        uses_dispersion = objective(config.loss.type).uses_dispersion
+        scale = config.loss.dispersion_scale if uses_dispersion else None
+        batch = preference_batch(stats, reference, scale)
         loss, metrics = preference_loss(config.loss, batch, worker.strength)
     if "ref_chosen_logps" in reference:
         ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
