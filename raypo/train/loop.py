@@ -77,6 +77,7 @@ class _Worker:
     device: torch.device
     rank: int
     world_size: int
+    has_eval: bool
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -147,6 +148,7 @@ def _build_worker(config: RaypoConfig, payload: dict[str, Any]) -> _Worker:
         device=engine.device,
         rank=rank,
         world_size=world_size,
+        has_eval=payload["has_eval"],
     )
 
 
@@ -204,9 +206,9 @@ def _sync_strength_gradients(worker: _Worker) -> None:
 
 def evaluate(worker: _Worker) -> dict[str, float]:
     """Held-out metrics over the whole ``eval`` shard of every worker, as ``eval/<name>``."""
-    shard = ray.train.get_dataset_shard("eval")
-    if shard is None:
+    if not worker.has_eval:
         return {}
+    shard = ray.train.get_dataset_shard("eval")
     sums = _Sums()
     batches = shard.iter_batches(
         batch_size=worker.config.trainer.per_device_batch_size, batch_format="numpy"

@@ -134,6 +134,7 @@ def train(config: RaypoConfig, resume: bool = False) -> TrainResult:
         "reference_path": resolve_model_path(config.reference_model_path),
         "tokenizer_path": resolve_model_path(config.model.tokenizer_path),
         "final_dir": str(final_dir),
+        "has_eval": "eval" in datasets,
         "fail_at_step": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
         "fault_marker": str(config.run_path / "fault_injected"),
     }
