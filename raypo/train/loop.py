@@ -277,11 +277,14 @@ def _log_metrics(worker: _Worker, sums: _Sums, seconds: float) -> dict[str, floa
 
 def _maybe_fail(payload: dict[str, Any], worker: _Worker, state: TrainState) -> None:
     """Fault injection for recovery tests (``RAYPO_FAULT_AT_STEP`` on the driver): the last rank
-    dies hard once, at that step, in an attempt that did not start from a checkpoint."""
-    if payload["fail_at_step"] != state.step or payload["restored"]:
+    dies hard once per run, at that step. Every rank first waits until Ray Train has recorded the
+    checkpoints reported so far, as it would have long before a real failure; otherwise a fast
+    step could die before the controller sees the checkpoint it is meant to restart from."""
+    marker = Path(payload["fault_marker"])
+    if payload["fail_at_step"] != state.step or payload["restored"] or marker.exists():
         return
+    ray.train.get_all_reported_checkpoints()
     if worker.rank == worker.world_size - 1:
-        marker = Path(payload["fault_marker"])
         marker.write_text(f"rank {worker.rank} killed at step {state.step}\n")
         os._exit(1)
 
