@@ -80,19 +80,23 @@ def reference_columns(
     batch: Mapping[str, Tensor],
     chunk_size: int = 1024,
     partitioned_head: bool = False,
+    compute_entropy: bool = True,
 ) -> dict[str, Tensor]:
-    """The four reference columns of the preference data, each ``[B]`` float32."""
+    """The reference columns of the preference data, each ``[B]`` float32: the log-probs and,
+    with ``compute_entropy`` (what MallowsPO's dispersion needs), the normalised entropies."""
     stats = sequence_stats(
-        model, batch, chunk_size=chunk_size, compute_entropy=True, partitioned_head=partitioned_head
+        model,
+        batch,
+        chunk_size=chunk_size,
+        compute_entropy=compute_entropy,
+        partitioned_head=partitioned_head,
     )
     chosen_logps, rejected_logps = split_pairs(stats.logps.float())
-    hn_chosen, hn_rejected = split_pairs(stats.hn.float())
-    return {
-        "ref_chosen_logps": chosen_logps,
-        "ref_rejected_logps": rejected_logps,
-        "ref_hn_chosen": hn_chosen,
-        "ref_hn_rejected": hn_rejected,
-    }
+    columns = {"ref_chosen_logps": chosen_logps, "ref_rejected_logps": rejected_logps}
+    if compute_entropy:
+        hn_chosen, hn_rejected = split_pairs(stats.hn.float())
+        columns |= {"ref_hn_chosen": hn_chosen, "ref_hn_rejected": hn_rejected}
+    return columns
 
 
 def preference_batch(

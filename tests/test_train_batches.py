@@ -1,16 +1,27 @@
-"""Lock-step micro-batches: consumed ids are skipped, and uneven workers stay matched."""
+"""Lock-step micro-batches: consumed ids and padding are skipped, uneven workers stay matched, an
+equal split loses no row, and every epoch ends on an accumulation boundary."""
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
+import ray.data
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raypo.train.batches import drop_consumed, lockstep_batches
+from raypo.train.batches import (
+    PADDING_ID_PREFIX,
+    MicroBatch,
+    drop_consumed,
+    lockstep_batches,
+    pad_for_equal_split,
+    until_accumulation_boundary,
+)
 
 
 def _batch(*ids: str) -> dict[str, np.ndarray]:
@@ -21,6 +32,46 @@ def test_drop_consumed_keeps_order_and_columns() -> None:
     kept = drop_consumed(_batch("a", "b", "c"), {"b"})
     assert list(kept["id"]) == ["a", "c"] and list(kept["x"]) == [0, 2]
     assert drop_consumed(_batch("a"), {"a"}) is None
+    padded = drop_consumed(_batch("a", f"{PADDING_ID_PREFIX}0", "b"), set())
+    assert list(padded["id"]) == ["a", "b"] and list(padded["x"]) == [0, 2]
+
+
+def _equal_split_ids(dataset: ray.data.Dataset, world_size: int) -> list[list[str]]:
+    """What each of ``world_size`` concurrent consumers of ``streaming_split(equal=True)`` (Ray
+    Train's split) receives, after dropping padding."""
+    splits = dataset.streaming_split(world_size, equal=True)
+    received: list[list[str]] = [[] for _ in range(world_size)]
+
+    def consume(rank: int) -> None:
+        for batch in splits[rank].iter_batches(batch_size=2, batch_format="numpy"):
+            kept = drop_consumed(batch, set())
+            received[rank].extend([] if kept is None else map(str, kept["id"]))
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return received
+
+
+@pytest.mark.parametrize("num_rows", [7, 8])
+def test_padding_makes_the_equal_split_lose_no_row(ray_session, num_rows: int) -> None:
+    rows = [{"id": f"p{i}", "x": i} for i in range(num_rows)]
+    plain = _equal_split_ids(ray.data.from_items(rows), 2)
+    assert sum(len(ids) for ids in plain) == num_rows - num_rows % 2  # Ray drops the odd row
+    padded = pad_for_equal_split(ray.data.from_items(rows), num_rows, 2)
+    received = _equal_split_ids(padded, 2)
+    assert sorted(i for ids in received for i in ids) == sorted(row["id"] for row in rows)
+
+
+def test_a_trailing_partial_accumulation_is_completed_with_placeholders() -> None:
+    micro = [MicroBatch(_batch(name), real=True) for name in "abcde"]
+    padded = list(until_accumulation_boundary(iter(micro), 4))
+    assert [mb.ids for mb in padded] == [["a"], ["b"], ["c"], ["d"], ["e"], [], [], []]
+    assert [mb.real for mb in padded[5:]] == [False, False, False]
+    assert len(list(until_accumulation_boundary(iter(micro[:4]), 4))) == 4
+    assert list(until_accumulation_boundary(iter([]), 4)) == []
 
 
 def test_single_worker_skips_consumed_ids_and_fully_consumed_batches() -> None:

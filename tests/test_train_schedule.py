@@ -9,7 +9,13 @@ import torch
 import transformers
 
 from raypo.config import TrainerConfig
-from raypo.train.schedule import build_scheduler, lr_lambda, total_training_steps, warmup_steps
+from raypo.train.schedule import (
+    build_scheduler,
+    data_progress,
+    lr_lambda,
+    total_training_steps,
+    warmup_steps,
+)
 
 
 @pytest.mark.parametrize(
@@ -118,6 +124,14 @@ def test_every_group_scales_its_own_rate() -> None:
         # 2 epochs of 10 pairs in micro-batches of 4: ceil(10 / 4) = 3 per epoch -> 6 steps
         # (ceil(2 * 10 / 4) = 5 would stop before the second epoch's last 2 pairs).
         (10, TrainerConfig(per_device_batch_size=4, num_epochs=2.0), 1, 6),
+        # Each epoch ends with a step: 3 micro-batches, 2 accumulated -> 2 steps per epoch, 4 in
+        # 2 epochs (not ceil(6 / 2) = 3, which would accumulate across the epoch end).
+        (
+            10,
+            TrainerConfig(per_device_batch_size=4, num_epochs=2.0, gradient_accumulation_steps=2),
+            1,
+            4,
+        ),
         # Half an epoch of 3 micro-batches: ceil(1.5) = 2.
         (10, TrainerConfig(per_device_batch_size=4, num_epochs=0.5), 1, 2),
         # 0.1 epochs of 30 micro-batches: 0.1 * 30 = 3.0000000000000004 in floats, still 3.
@@ -137,3 +151,28 @@ def test_total_training_steps_needs_pairs_and_workers() -> None:
         total_training_steps(0, TrainerConfig(), 1)
     with pytest.raises(ValueError, match="world_size"):
         total_training_steps(10, TrainerConfig(), 0)
+
+
+def test_progress_positions_the_schedule_by_data_and_survives_a_state_dict_round_trip() -> None:
+    """Cosine over 10 steps, no warmup: 6 of 10 steps' worth of pairs trained (48 of 80 pairs)
+    gives the multiplier 0.5 * (1 + cos(0.6 pi)) = 0.3455, whatever the step() count."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    trainer = TrainerConfig(warmup_ratio=0.0, lr_scheduler="cosine")
+    scheduler = build_scheduler(optimizer, trainer, total_steps=10)
+    assert data_progress(48, 80, 10) == pytest.approx(6.0)
+    scheduler.progress = data_progress(48, 80, 10)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(0.6 * math.pi)))
+    restored = build_scheduler(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), trainer, total_steps=10
+    )
+    restored.load_state_dict(scheduler.state_dict())
+    assert restored.progress == pytest.approx(6.0) and restored.last_epoch == 1
+    # Without progress the position is the step count: step 1 of 10 -> 0.5 * (1 + cos(0.1 pi)).
+    plain = build_scheduler(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), trainer, total_steps=10
+    )
+    plain.optimizer.step()
+    plain.step()
+    assert plain.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(0.1 * math.pi)))

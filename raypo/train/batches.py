@@ -1,11 +1,15 @@
 """Micro-batches for one worker, kept in lock-step with the other workers.
 
 Ray Train's ``streaming_split`` hands rows to workers dynamically, so after a restart the rows a
-worker sees are not the ones it saw before. Exactly-once training is therefore kept by pair id: a
-checkpoint records every id consumed in the current epoch (by all workers), and on restart each
-worker drops those ids from whatever it receives. The remaining rows can differ in number between
-workers; a worker that runs out early keeps stepping on a zero-weight copy of an earlier batch until
-every worker is done, so DeepSpeed's collectives stay matched and no pair is dropped or repeated.
+worker sees are not the ones it saw before. It also splits with ``equal=True``, which drops up to
+``world_size - 1`` rows per epoch; :func:`pad_for_equal_split` tops the split up with marked
+padding rows instead, which every worker drops again (:func:`drop_consumed`), so no pair is lost.
+
+Exactly-once training is kept by pair id: a checkpoint records every id consumed in the current
+epoch (by all workers), and on restart each worker drops those ids from whatever it receives. The
+remaining rows can differ in number between workers; a worker that runs out early keeps stepping on
+a zero-weight copy of an earlier batch until every worker is done, so DeepSpeed's collectives stay
+matched and no pair is dropped or repeated.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import ray.data
 import torch
 import torch.distributed as dist
 
 Batch = dict[str, np.ndarray]
+
+PADDING_ID_PREFIX = "__raypo_padding__:"
+"""Id prefix of the rows :func:`pad_for_equal_split` adds; no real pair id starts with it."""
 
 
 @dataclass(frozen=True)
@@ -35,11 +43,34 @@ class MicroBatch:
         return [str(pair_id) for pair_id in self.rows["id"]] if self.real else []
 
 
+def pad_for_equal_split(
+    dataset: ray.data.Dataset, num_rows: int, world_size: int
+) -> ray.data.Dataset:
+    """``dataset`` (of ``num_rows`` rows) followed by copies of its first rows, re-identified as
+    padding, so that its length is a multiple of ``world_size`` and an equal split drops nothing."""
+    missing = -num_rows % world_size
+    if missing == 0:
+        return dataset
+
+    def as_padding(batch: Batch) -> Batch:
+        padding_ids = [f"{PADDING_ID_PREFIX}{index}" for index in range(len(batch["id"]))]
+        return {**batch, "id": np.array(padding_ids, dtype=object)}
+
+    padding = dataset.limit(missing).map_batches(as_padding, batch_format="numpy")
+    return dataset.union(padding)
+
+
 def drop_consumed(batch: Batch, consumed: set[str]) -> Batch | None:
-    """The rows of ``batch`` whose id is not in ``consumed``; None when none are left."""
-    if not consumed:
+    """The rows of ``batch`` that are neither in ``consumed`` nor padding; None when none are
+    left."""
+    keep = np.array(
+        [
+            not (pair_id.startswith(PADDING_ID_PREFIX) or pair_id in consumed)
+            for pair_id in map(str, batch["id"])
+        ]
+    )
+    if keep.all():
         return batch
-    keep = np.array([str(pair_id) not in consumed for pair_id in batch["id"]])
     if not keep.any():
         return None
     return {name: column[keep] for name, column in batch.items()}
@@ -81,3 +112,21 @@ def lockstep_batches(batches: Iterable[Batch], consumed: set[str]) -> Iterator[M
                 "this worker received no preference pairs at all while others did; the "
                 "training split has fewer rows than there are workers"
             )
+
+
+def until_accumulation_boundary(
+    micro_batches: Iterable[MicroBatch], accumulation_steps: int
+) -> Iterator[MicroBatch]:
+    """``micro_batches``, then zero-weight placeholders up to the next multiple of
+    ``accumulation_steps``, so a trailing partial accumulation still ends in an optimizer step.
+
+    The count is the same on every worker (lock-step), so all of them add the same placeholders.
+    """
+    count = 0
+    last: MicroBatch | None = None
+    for last in micro_batches:
+        count += 1
+        yield last
+    while last is not None and count % accumulation_steps:
+        count += 1
+        yield MicroBatch(last.rows, real=False)

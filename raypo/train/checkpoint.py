@@ -30,6 +30,9 @@ class TrainState:
     """Optimizer steps taken."""
     epoch: int = 0
     """Current pass over the training split (0-based)."""
+    pairs_done: int = 0
+    """Pairs trained so far in the whole run, by all ranks (the learning-rate schedule's clock in
+    whole-epoch runs)."""
     consumed: set[str] = field(default_factory=set)
     """Ids of the pairs trained on in the current epoch by any rank (skipped after a restore)."""
     trained: list[str] = field(default_factory=list)
@@ -79,6 +82,7 @@ def save_checkpoint(
     payload = {
         "step": state.step,
         "epoch": state.epoch,
+        "pairs_done": state.pairs_done,
         "trained": state.trained,
         "rng": _rng_states(),
         "strength": None if strength is None else strength.state_dict(),
@@ -113,6 +117,7 @@ def load_checkpoint(
     return TrainState(
         step=own["step"],
         epoch=own["epoch"],
+        pairs_done=own["pairs_done"],
         consumed=set(trained),
         trained=trained if rank == 0 else [],
     )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_tokenizer
+
+STRENGTH_FILE = "mixdpo_strength.json"
+"""The learned MixDPO strength distribution, written beside the exported policy."""
 
 
 def export_policy(engine: Any, tokenizer_path: str, output_dir: Path, rank: int) -> None:
@@ -29,3 +34,23 @@ def export_policy(engine: Any, tokenizer_path: str, output_dir: Path, rank: int)
         load_tokenizer(tokenizer_path).save_pretrained(str(output_dir))
     if dist.is_initialized():
         dist.barrier()
+
+
+def strength_summary(strength: StrengthDistribution) -> dict[str, Any]:
+    """Family, ``mixdpo_loss`` parameters (a, b) and closed-form moments of a strength
+    distribution, as plain floats: lognormal a = mu, b = sigma; gamma a = shape, b = scale."""
+    a, b = (value.detach() for value in strength.params())
+    return {
+        "family": strength.family,
+        "a": float(a),
+        "b": float(b),
+        "moments": {name: float(value.detach()) for name, value in strength.moments().items()},
+    }
+
+
+def export_strength(strength: StrengthDistribution, output_dir: Path) -> Path:
+    """Write :func:`strength_summary` to ``output_dir/mixdpo_strength.json``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / STRENGTH_FILE
+    path.write_text(json.dumps(strength_summary(strength), indent=2) + "\n")
+    return path

@@ -28,11 +28,11 @@ from raypo.data.collate import collate_pairs
 from raypo.forward import preference_batch, reference_columns, sequence_stats
 from raypo.losses import StrengthDistribution, objective, preference_loss
 from raypo.models import load_policy
-from raypo.train.batches import MicroBatch, lockstep_batches
+from raypo.train.batches import MicroBatch, lockstep_batches, until_accumulation_boundary
 from raypo.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from raypo.train.deepspeed_config import deepspeed_config, reference_deepspeed_config
-from raypo.train.export import export_policy
-from raypo.train.schedule import build_scheduler
+from raypo.train.export import export_policy, export_strength
+from raypo.train.schedule import build_scheduler, data_progress
 
 _NO_DECAY = ("bias", "norm", "embed")
 
@@ -163,6 +163,7 @@ def _reference_values(worker: _Worker, tensors: dict[str, Tensor]) -> dict[str, 
             tensors,
             worker.config.trainer.logits_chunk_size,
             partitioned_head=worker.config.trainer.zero_stage == 3,
+            compute_entropy=objective(worker.config.loss.type).uses_dispersion,
         )
     return {}
 
@@ -202,6 +203,15 @@ def _sync_strength_gradients(worker: _Worker) -> None:
             param.grad /= worker.world_size
     worker.strength_optimizer.step()
     worker.strength_optimizer.zero_grad()
+
+
+def _global_sum(count: int) -> int:
+    """``count`` summed over all workers."""
+    if not dist.is_initialized():
+        return count
+    total = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def evaluate(worker: _Worker) -> dict[str, float]:
@@ -267,11 +277,6 @@ def _log_metrics(worker: _Worker, sums: _Sums, seconds: float) -> dict[str, floa
         "samples_per_s": pairs / max(seconds, 1e-9),
         "tokens_per_s": tokens / max(seconds, 1e-9),
         "step_time_s": seconds,
-        **(
-            {f"mixdpo/{k}": float(v) for k, v in worker.strength.moments().items()}
-            if worker.strength is not None
-            else {}
-        ),
     }
 
 
@@ -311,16 +316,27 @@ def _train_epoch(
     trainer = worker.config.trainer
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_batches(batch_size=trainer.per_device_batch_size, batch_format="numpy")
-    for micro in lockstep_batches(batches, state.consumed):
+    micro_batches = until_accumulation_boundary(
+        lockstep_batches(batches, state.consumed), trainer.gradient_accumulation_steps
+    )
+    step_pairs = 0
+    for micro in micro_batches:
         loss, metrics, tokens = _pair_loss(worker, micro, train=True)
         boundary = worker.engine.is_gradient_accumulation_boundary()
         worker.engine.backward(loss if micro.real else loss * 0.0)
-        if boundary:
-            _sync_strength_gradients(worker)
-        worker.engine.step()
         if micro.real:
             progress.sums.add(metrics, len(micro.rows["id"]), tokens)
             state.record(micro.ids)
+            step_pairs += len(micro.ids)
+        if boundary:
+            _sync_strength_gradients(worker)
+            state.pairs_done += _global_sum(step_pairs)
+            step_pairs = 0
+            if stop_at is None:
+                worker.engine.lr_scheduler.progress = data_progress(
+                    state.pairs_done, payload["total_pairs"], payload["total_steps"]
+                )
+        worker.engine.step()
         if not boundary:
             continue
         state.step += 1
@@ -342,9 +358,10 @@ def train_worker(payload: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: build, restore, train, export.
 
     With ``trainer.max_steps`` (or a fractional ``num_epochs``) training stops at that step count;
-    otherwise every epoch runs until all its pairs are trained, so that a run restarted from a
-    checkpoint trains each pair exactly once per epoch even when the rows left are spread
-    unevenly over the workers (the few extra steps this can take run at the schedule's end).
+    otherwise every epoch runs until all its pairs are trained and ends with an optimizer step, so
+    that a run restarted from a checkpoint trains each pair exactly once per epoch even when the
+    rows left are spread unevenly over the workers; the learning-rate schedule then follows the
+    pairs trained, not the steps (:mod:`raypo.train.schedule`).
     """
     config: RaypoConfig = payload["config"]
     worker = _build_worker(config, payload)
@@ -371,4 +388,7 @@ def train_worker(payload: dict[str, Any]) -> None:
             break
         state.next_epoch()
     _finish(worker, state, progress)
-    export_policy(worker.engine, payload["tokenizer_path"], Path(payload["final_dir"]), worker.rank)
+    final_dir = Path(payload["final_dir"])
+    export_policy(worker.engine, payload["tokenizer_path"], final_dir, worker.rank)
+    if worker.strength is not None and worker.rank == 0:
+        export_strength(worker.strength, final_dir)

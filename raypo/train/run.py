@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from raypo.data.reference import run_reference_pass
 from raypo.data.validate import DataQualityError
 from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import init_ray
+from raypo.train.batches import pad_for_equal_split
 from raypo.train.loop import train_worker
 from raypo.train.metrics import MetricsLogger
 from raypo.train.schedule import total_training_steps
@@ -106,12 +109,23 @@ def _refuse_accidental_resume(config: RaypoConfig, resume: bool) -> None:
         )
 
 
-def train(config: RaypoConfig, resume: bool = False) -> TrainResult:
-    """Run the whole training job described by ``config`` (see the module docstring)."""
+def train(
+    config: RaypoConfig,
+    resume: bool = False,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    prepared: PreparedData | None = None,
+) -> TrainResult:
+    """Run the whole training job described by ``config`` (see the module docstring).
+
+    ``callbacks`` are added to Ray Train's (``raypo tune`` passes the one reporting to Tune);
+    ``prepared``: data already prepared from the same data settings (a sweep prepares once for
+    all its trials), used instead of preparing it again into this run's directory.
+    """
     config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
     _refuse_accidental_resume(config, resume)
     init_ray()
-    prepared = prepare_pairs(config)
+    if prepared is None:
+        prepared = prepare_pairs(config)
     if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
         config = _fit_tiny(config, prepared)
     split_path = prepared.split_path
@@ -123,13 +137,18 @@ def train(config: RaypoConfig, resume: bool = False) -> TrainResult:
     total_steps = total_training_steps(
         prepared.split_counts["train"], trainer_config, trainer_config.num_workers
     )
-    datasets = {"train": read_split(split_path("train"), shuffle_seed=config.seed)}
-    if prepared.split_counts["eval"]:
-        datasets["eval"] = read_split(split_path("eval"))
+    world_size = trainer_config.num_workers
+    counts = prepared.split_counts
+    train_split = read_split(split_path("train"), shuffle_seed=config.seed)
+    datasets = {"train": pad_for_equal_split(train_split, counts["train"], world_size)}
+    if counts["eval"]:
+        eval_split = read_split(split_path("eval"))
+        datasets["eval"] = pad_for_equal_split(eval_split, counts["eval"], world_size)
     final_dir = config.run_path / "final"
     payload = {
         "config": config,
         "total_steps": total_steps,
+        "total_pairs": math.ceil(counts["train"] * trainer_config.num_epochs),
         "policy_path": resolve_model_path(config.model.name_or_path),
         "reference_path": resolve_model_path(config.reference_model_path),
         "tokenizer_path": resolve_model_path(config.model.tokenizer_path),
@@ -156,7 +175,10 @@ def train(config: RaypoConfig, resume: bool = False) -> TrainResult:
             storage_path=_storage(config),
             failure_config=FailureConfig(max_failures=trainer_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=trainer_config.save_total_limit),
-            callbacks=[MetricsCallback(config.run_path, total_steps, trainer_config.report_to)],
+            callbacks=[
+                MetricsCallback(config.run_path, total_steps, trainer_config.report_to),
+                *callbacks,
+            ],
         ),
     )
     result = trainer.fit()

@@ -5,11 +5,18 @@ The multipliers are those of Hugging Face's ``get_{cosine,linear,constant}_sched
 the scheduler is stepped by DeepSpeed once per gradient-accumulation boundary, and the multiplier
 of step ``s`` is the one the ``s``-th update (counting from 0) uses, so with warmup the first update
 has learning rate 0, as in Hugging Face's trainer.
+
+Runs of whole epochs follow the data instead of the step count: the scheduler's ``progress`` is
+set to the fraction of the run's pairs already trained, in steps (``pairs_done * total_steps /
+total_pairs``). After a restart the pairs left can be spread unevenly over the workers, which takes
+a few more lock-step steps than planned; counting pairs keeps those steps inside the schedule
+instead of running them past its end at a decayed learning rate of 0.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -52,10 +59,25 @@ def warmup_steps(trainer: TrainerConfig, total_steps: int) -> int:
     return _ceil(trainer.warmup_ratio * total_steps)
 
 
+class ProgressLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose position is ``progress`` (fractional steps) when it is set, else the count of
+    ``step()`` calls. ``progress`` is part of the state dict, so checkpoints keep it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[float], float]):
+        self.progress: float | None = None
+        super().__init__(optimizer, multiplier)
+
+    def get_lr(self) -> list[float]:
+        """Each group's initial learning rate times the multiplier at the current position."""
+        position = self.last_epoch if self.progress is None else self.progress
+        pairs = zip(self.base_lrs, self.lr_lambdas, strict=True)
+        return [base * lmbda(position) for base, lmbda in pairs]
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, trainer: TrainerConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over ``total_steps`` optimizer steps with ``trainer``'s warmup and shape.
+) -> ProgressLR:
+    """Schedule over ``total_steps`` optimizer steps with ``trainer``'s warmup and shape.
 
     Every parameter group follows the same multiplier of its own initial learning rate. Used as
     ``deepspeed.initialize(lr_scheduler=partial(build_scheduler, trainer=..., total_steps=...))``;
@@ -67,16 +89,23 @@ def build_scheduler(
         warmup_steps=warmup_steps(trainer, total_steps),
         kind=trainer.lr_scheduler,
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return ProgressLR(optimizer, multiplier)
+
+
+def data_progress(pairs_done: int, total_pairs: int, total_steps: int) -> float:
+    """The schedule position, in steps, of a whole-epoch run that has trained ``pairs_done`` of
+    its ``total_pairs`` pairs (see the module docstring)."""
+    return pairs_done * total_steps / max(1, total_pairs)
 
 
 def total_training_steps(num_pairs: int, trainer: TrainerConfig, world_size: int) -> int:
     """Optimizer steps of the run: ``max_steps`` when set, else from ``num_epochs``.
 
     Each epoch every worker runs ``ceil(num_pairs / (per_device_batch_size * world_size))``
-    micro-batches (a partial last micro-batch counts; the count is exact when the rows split evenly
-    over the workers), gradient accumulation carries across epoch ends, and a partial last
-    accumulation counts as a step: ``ceil(num_epochs * micro_batches_per_epoch /
+    micro-batches (a partial last micro-batch counts; the split is padded to equal shards) and ends
+    with an optimizer step (a partial last accumulation counts as a step):
+    ``num_epochs * ceil(micro_batches_per_epoch / gradient_accumulation_steps)``. A fractional
+    ``num_epochs`` stops at ``ceil(num_epochs * micro_batches_per_epoch /
     gradient_accumulation_steps)``. For one epoch this equals ``ceil(num_pairs / global_batch)``.
     """
     if num_pairs < 1:
@@ -86,5 +115,7 @@ def total_training_steps(num_pairs: int, trainer: TrainerConfig, world_size: int
     if trainer.max_steps is not None:
         return trainer.max_steps
     micro_per_epoch = math.ceil(num_pairs / (trainer.per_device_batch_size * world_size))
-    micro_batches = _ceil(trainer.num_epochs * micro_per_epoch)
-    return math.ceil(micro_batches / trainer.gradient_accumulation_steps)
+    accumulation = trainer.gradient_accumulation_steps
+    if float(trainer.num_epochs).is_integer():
+        return int(trainer.num_epochs) * math.ceil(micro_per_epoch / accumulation)
+    return math.ceil(_ceil(trainer.num_epochs * micro_per_epoch) / accumulation)
