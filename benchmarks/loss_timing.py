@@ -1,18 +1,16 @@
 """Forward + backward time of every objective of raypo.losses on a batch of margins (CPU).
 
-python benchmarks/loss_timing.py --batch 4096 --out benchmarks/results/loss_timing
+python benchmarks/loss_timing.py --batch 4096
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import Column, Table, add_output_argument, write_results
 
 from raypo.losses import (
     StrengthDistribution,
@@ -67,31 +65,37 @@ def _time(fn, x: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/results/loss_timing")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--batch", type=int, default=4096, help="pairs per batch")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls (median kept)")
+    add_output_argument(parser, "loss_timing")
     args = parser.parse_args()
+    started = time.perf_counter()
     rows = [
         {"objective": name, "ms": round(1e3 * _time(fn, x, args.repeats), 3)}
         for name, (fn, x) in _cases(args.batch).items()
     ]
-    meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.platform()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__,
-        "batch": args.batch,
-        "note": "median forward+backward of the per-pair loss's mean; MixDPO at default points",
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    table = ["| objective | ms (fwd+bwd) |", "|---|---|"]
-    table += [f"| {row['objective']} | {row['ms']} |" for row in rows]
-    header = f"# loss timing ({meta['date']})\n\nbatch {args.batch}; {meta['machine']}; "
-    header += f"torch {meta['torch']}. {meta['note']}.\n\n"
-    out.with_suffix(".md").write_text(header + "\n".join(table) + "\n")
-    print("\n".join(table))
+    table = Table(
+        "forward + backward time per objective",
+        rows,
+        [Column("objective"), Column("ms", "ms (fwd+bwd)")],
+        note=f"batch {args.batch}, {torch.get_num_threads()} torch threads; median "
+        "forward+backward of the per-pair loss's mean; MixDPO at default points.",
+    )
+    files = write_results(
+        "loss_timing",
+        title="Loss timing",
+        description="Forward + backward time of every objective of raypo.losses on a batch of "
+        "random margins (CPU, single process).",
+        tables=[table],
+        settings=args,
+        out=args.out,
+        started=started,
+    )
+    print(files.markdown.read_text())
 
 
 if __name__ == "__main__":

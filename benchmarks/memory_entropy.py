@@ -16,9 +16,13 @@ glibc's default allocator and, with ``MALLOC_MMAP_THRESHOLD_=65536``, with every
 returned to the OS on free: glibc's default dynamic threshold keeps freed buffers below 32 MiB in
 the heap, where they fragment, so RSS then measures the allocator as much as the live tensors.
 
+The default sweeps the vocabulary (8k, 32k, 128k) and the sequence length (256, 1024) at batch 4
+under the mmap allocator; a naive case whose fp32 logits would exceed ``--max-naive-logits-mib``
+is skipped (recorded as such) so that the sweep cannot exhaust a shared machine's memory.
+
 Example (the recorded results)::
 
-    python benchmarks/memory_entropy.py --batch 8 --seq 1024 --vocab 32000
+    python benchmarks/memory_entropy.py
 """
 
 from __future__ import annotations
@@ -28,15 +32,22 @@ import itertools
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "memory_entropy"
+from common import (
+    REPO_ROOT,
+    Column,
+    Table,
+    add_output_argument,
+    new_figure,
+    peak_rss_bytes,
+    write_results,
+)
+
 ALLOCATORS = {"glibc-default": {}, "glibc-mmap-64k": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 MIB = 2**20
 
@@ -47,14 +58,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "from hidden states and an lm-head (each run in its own subprocess).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--batch", type=int, default=8, help="sequences per batch")
-    parser.add_argument("--seq", type=int, nargs="+", default=[1024], help="sequence lengths")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per batch")
+    parser.add_argument("--seq", type=int, nargs="+", default=[256, 1024], help="sequence lengths")
     parser.add_argument(
         "--vocab",
         type=int,
         nargs="+",
-        default=[32000],
-        help="vocabulary sizes (e.g. 8000 32000 128000)",
+        default=[8000, 32000, 128000],
+        help="vocabulary sizes",
     )
     parser.add_argument("--hidden", type=int, default=256, help="hidden size H of the lm-head")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -75,26 +86,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--variants", nargs="+", choices=["naive", "chunked"], default=None)
     parser.add_argument(
-        "--allocators", nargs="+", choices=sorted(ALLOCATORS), default=sorted(ALLOCATORS)
+        "--allocators", nargs="+", choices=sorted(ALLOCATORS), default=["glibc-mmap-64k"]
+    )
+    parser.add_argument(
+        "--max-naive-logits-mib",
+        type=float,
+        default=1100.0,
+        help="skip naive cases whose fp32 logits exceed this (they peak at ~3.5x it)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="B=2, T=128, V 8000/32000, chunk 256 (smoke test)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; the fastest is kept")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per subprocess")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output path stem: writes STEM.json, STEM.md"
-    )
+    add_output_argument(parser, "memory_entropy")
     parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-seq", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.variants = args.variants or ["naive", "chunked"]
+    if args.quick:
+        args.batch, args.seq, args.vocab, args.chunk_size = 2, [128], [8000, 32000], [256]
     return args
-
-
-def _peak_rss_bytes() -> int:
-    """This process image's peak RSS; ru_maxrss would survive execve and report the parent's."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def _rss_bytes() -> int:
@@ -184,7 +197,7 @@ def _worker(args: argparse.Namespace) -> None:
         inputs["weight"].grad = None
         inputs["hidden"].grad = None
         runs.append(_forward_backward(args.worker, inputs, vocab, chunk_size))
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     result = min(runs, key=lambda run: run["total_s"])
     result.update(
         baseline_rss_mib=before / MIB,
@@ -209,6 +222,8 @@ def _run_one(args: argparse.Namespace, case: dict) -> dict:
     row |= {"batch": args.batch, "hidden": args.hidden, "dtype": args.dtype}
     row["chunk_size"] = chunk_size
     row["fp32_logits_mib"] = args.batch * seq * vocab * 4 / MIB
+    if variant == "naive" and row["fp32_logits_mib"] > args.max_naive_logits_mib:
+        return row | {"error": f"skipped: fp32 logits over {args.max_naive_logits_mib:g} MiB"}
     try:
         done = subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=args.timeout
@@ -220,32 +235,34 @@ def _run_one(args: argparse.Namespace, case: dict) -> dict:
     return row | json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        "# Chunked vs naive logp + entropy: peak memory and time (forward + backward)",
-        "",
-        f"Produced by `{meta['command']}` on {meta['machine']} "
-        f"({meta['cpus']} CPUs, torch {meta['torch']}); {meta['note']}",
-        "",
-        "| B | T | V | H | dtype | variant | chunk | allocator | fp32 logits MiB "
-        "| peak RSS delta MiB | forward s | backward s | total s | logps sum | Hn mean |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        head = (
-            f"| {row['batch']} | {row['seq']} | {row['vocab']} | {row['hidden']} | {row['dtype']} "
-            f"| {row['variant']} | {row['chunk_size'] or '-'} | {row['allocator']} "
-            f"| {row['fp32_logits_mib']:.0f} "
-        )
-        if "error" in row:
-            lines.append(head + f"| failed: {row['error'][:80]} | | | | | |")
-            continue
-        lines.append(
-            head + f"| {row['peak_rss_delta_mib']:.0f} | {row['forward_s']:.2f} "
-            f"| {row['backward_s']:.2f} | {row['total_s']:.2f} | {row['logps_sum']:.6g} "
-            f"| {row['hn_mean']:.6f} |"
-        )
-    return "\n".join(lines) + "\n"
+_COLUMNS = (
+    Column("batch", "B"),
+    Column("seq", "T"),
+    Column("vocab", "V"),
+    Column("hidden", "H"),
+    Column("dtype"),
+    Column("variant"),
+    Column("chunk_size", "chunk"),
+    Column("allocator"),
+    Column("fp32_logits_mib", "fp32 logits MiB", ".0f"),
+    Column("peak_rss_delta_mib", "peak RSS delta MiB", ".0f"),
+    Column("forward_s", "forward s", ".2f"),
+    Column("backward_s", "backward s", ".2f"),
+    Column("total_s", "total s", ".2f"),
+    Column("logps_sum", "logps sum", ".6g"),
+    Column("hn_mean", "Hn mean", ".6f"),
+)
+
+
+def _table(rows: list[dict]) -> Table:
+    columns = _COLUMNS + ((Column("error"),) if any("error" in row for row in rows) else ())
+    return Table(
+        "Chunked vs naive logp + entropy: peak memory and time (forward + backward)",
+        rows,
+        columns,
+        note="peak RSS delta = VmHWM minus RSS before the measured run (inputs allocated); "
+        "logps sum and Hn mean must agree between variants.",
+    )
 
 
 def _cases(args: argparse.Namespace) -> list[dict]:
@@ -258,33 +275,83 @@ def _cases(args: argparse.Namespace) -> list[dict]:
     ]
 
 
+def _label(row: dict) -> str:
+    chunk = f" {row['chunk_size']}" if row["chunk_size"] else ""
+    return f"{row['variant']}{chunk}, T={row['seq']}"
+
+
+def _figure(rows: list[dict]) -> object:
+    """Peak RSS delta and total time against the vocabulary, one line per variant and length."""
+    figure, axes = new_figure(ncols=2, size=(5.0, 3.8))
+    measured = [row for row in rows if "error" not in row]
+    for label in dict.fromkeys(_label(row) for row in measured):
+        line = sorted((r for r in measured if _label(r) == label), key=lambda r: r["vocab"])
+        style = "--" if label.startswith("naive") else "-"
+        vocab = [r["vocab"] for r in line]
+        axes[0][0].plot(vocab, [r["peak_rss_delta_mib"] for r in line], style, marker="o")
+        axes[0][1].plot(vocab, [r["total_s"] for r in line], style, marker="o", label=label)
+    for ax, ylabel in zip(axes[0], ("peak RSS delta (MiB)", "forward + backward (s)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel(ylabel)
+    axes[0][1].legend(fontsize=7)
+    figure.suptitle(f"logp + entropy from hidden states, B={rows[0]['batch']}, {rows[0]['dtype']}")
+    figure.tight_layout()
+    return figure
+
+
+def _findings(rows: list[dict]) -> list[str]:
+    """Per (V, T): naive peak and time against the best chunked variant's."""
+    lines = []
+    for vocab, seq in dict.fromkeys((r["vocab"], r["seq"]) for r in rows):
+        case = [r for r in rows if (r["vocab"], r["seq"]) == (vocab, seq) and "error" not in r]
+        chunked = [r for r in case if r["variant"] == "chunked"]
+        naive = [r for r in case if r["variant"] == "naive"]
+        if not chunked:
+            continue
+        best = min(chunked, key=lambda r: r["peak_rss_delta_mib"])
+        text = (
+            f"V={vocab}, T={seq}: chunked ({best['chunk_size']}) peaks at "
+            f"{best['peak_rss_delta_mib']:.0f} MiB in {best['total_s']:.2f} s"
+        )
+        if naive:
+            text += (
+                f"; naive at {naive[0]['peak_rss_delta_mib']:.0f} MiB "
+                f"({naive[0]['peak_rss_delta_mib'] / max(best['peak_rss_delta_mib'], 1):.1f}x) "
+                f"in {naive[0]['total_s']:.2f} s"
+            )
+        else:
+            text += "; naive skipped (memory guard)"
+        lines.append(text)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run every case in its own subprocess and write the results with a figure."""
     args = _parse_args(argv)
     if args.worker:
         _worker(args)
         return
-    import torch
-
     started = time.perf_counter()
     rows = []
     for case in _cases(args):
         row = _run_one(args, case)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    meta = {
-        "command": "python benchmarks/memory_entropy.py " + " ".join(sys.argv[1:]),
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "wall_s": time.perf_counter() - started,
-        "note": "peak RSS delta = VmHWM minus RSS before the measured run (inputs allocated); "
-        "logps sum and Hn mean must agree between variants.",
-    }
-    stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(rows, meta))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
+    files = write_results(
+        "memory_entropy",
+        title="Chunked vs naive logp + entropy: peak memory and time",
+        description=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 2)[0],
+        tables=[_table(rows)],
+        findings=_findings(rows),
+        settings=settings,
+        figure=_figure(rows),
+        out=args.out,
+        started=started,
+    )
+    print(f"wrote {files.json} and {files.markdown}")
 
 
 if __name__ == "__main__":

@@ -5,23 +5,31 @@ log-probs -> objective -> backward -> AdamW) on real HH pairs, with the referenc
 precomputed as in ``reference.mode: precomputed``. Objectives are interleaved round-robin so
 machine noise hits them alike; the reported time is the median over rounds.
 
-    python benchmarks/objective_overhead.py --out benchmarks/results/objective_overhead
+    python benchmarks/objective_overhead.py
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gzip
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
+from common import (
+    Column,
+    Table,
+    add_output_argument,
+    peak_rss_bytes,
+    relative_percent,
+    round_robin_seconds,
+    write_results,
+)
 
 from raypo.config import DataConfig, LossConfig
 from raypo.data.collate import collate_pairs
@@ -53,11 +61,6 @@ def _batches(tokenizer, pairs_per_step: int, steps: int, max_length: int) -> lis
     return batches
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return 1024 * int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
-
-
 def _step(model, optimizer, batch, name: str, strength) -> None:
     stats = sequence_stats(model, batch, compute_entropy=False)
     inputs = preference_batch(stats, batch, 0.29)
@@ -67,17 +70,38 @@ def _step(model, optimizer, batch, name: str, strength) -> None:
     optimizer.step()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--pairs", type=int, default=8, help="pairs per step")
     parser.add_argument("--steps", type=int, default=4, help="distinct batches")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the batches")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--out", default="benchmarks/results/objective_overhead")
-    args = parser.parse_args()
+    add_output_argument(parser, "objective_overhead")
+    return parser.parse_args()
 
+
+def _rows(seconds: dict[str, float], tokens: int, pairs: int, steps: int) -> list[dict]:
+    overhead = relative_percent(seconds, "dpo")
+    return [
+        {
+            "objective": name,
+            "step_s": round(seconds[name] / steps, 4),
+            "tokens_per_s": round(tokens / seconds[name]),
+            "pairs_per_s": round(pairs * steps / seconds[name], 2),
+            "overhead_vs_dpo_pct": round(overhead[name], 2),
+        }
+        for name in OBJECTIVES
+    ]
+
+
+def main() -> None:
+    args = _parse_args()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:
         tokenizer = load_tokenizer("tiny", cache_dir=Path(cache))
     spec = TinyModelSpec(
@@ -100,55 +124,43 @@ def main() -> None:
         params = list(models[name].parameters())
         params += list(strengths[name].parameters()) if strengths[name] else []
         optimizers[name] = torch.optim.AdamW(params, lr=1e-5)
-    times: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
+
+    def epoch(name: str) -> None:
+        for batch in batches:
+            _step(models[name], optimizers[name], batch, name, strengths[name])
+
+    times = round_robin_seconds(
+        {name: functools.partial(epoch, name) for name in OBJECTIVES}, rounds=args.rounds
+    )
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    for _ in range(args.rounds + 1):
-        for name in OBJECTIVES:
-            started = time.perf_counter()
-            for batch in batches:
-                _step(models[name], optimizers[name], batch, name, strengths[name])
-            times[name].append(time.perf_counter() - started)
-    dpo = statistics.median(times["dpo"][1:])
-    rows = []
-    for name in OBJECTIVES:
-        seconds = statistics.median(times[name][1:])
-        rows.append(
-            {
-                "objective": name,
-                "step_s": round(seconds / len(batches), 4),
-                "tokens_per_s": round(tokens / seconds),
-                "pairs_per_s": round(args.pairs * len(batches) / seconds, 2),
-                "overhead_vs_dpo_pct": round(100 * (seconds / dpo - 1), 2),
-            }
-        )
-    meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.platform()}, {psutil.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads",
-        "torch": torch.__version__,
-        "model": dataclasses.asdict(spec),
-        "pairs_per_step": args.pairs,
-        "max_length": args.max_length,
-        "peak_rss_mib": round(_peak_rss_bytes() / 2**20),
-        "note": "first round is warm-up; median of the other rounds; fp32; single process",
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    table = [
-        "| objective | step (s) | tokens/s | pairs/s | overhead vs DPO |",
-        "|---|---|---|---|---|",
-    ]
-    table += [
-        f"| {r['objective']} | {r['step_s']} | {r['tokens_per_s']} | {r['pairs_per_s']} | "
-        f"{r['overhead_vs_dpo_pct']}% |"
-        for r in rows
-    ]
-    header = f"# objective overhead ({meta['date']})\n\n{meta['machine']}; torch {meta['torch']}; "
-    header += f"Llama hidden {args.hidden}, {args.layers} layers, vocab {spec.vocab_size}; "
-    header += f"{args.pairs} pairs/step, max length {args.max_length}. {meta['note']}.\n\n"
-    out.with_suffix(".md").write_text(header + "\n".join(table) + "\n")
-    print("\n".join(table))
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    rows = _rows(seconds, tokens, args.pairs, len(batches))
+    table = Table(
+        "step time per objective, same batches, interleaved",
+        rows,
+        [
+            Column("objective"),
+            Column("step_s", "step (s)"),
+            Column("tokens_per_s", "tokens/s"),
+            Column("pairs_per_s", "pairs/s"),
+            Column("overhead_vs_dpo_pct", "overhead vs DPO (%)"),
+        ],
+        note=f"Llama hidden {args.hidden}, {args.layers} layers, vocab {spec.vocab_size}; "
+        f"{args.pairs} pairs/step, max length {args.max_length}, {torch.get_num_threads()} torch "
+        f"threads; peak RSS {round(peak_rss_bytes() / 2**20)} MiB. First round is warm-up; "
+        "median of the other rounds; fp32; single process.",
+    )
+    files = write_results(
+        "objective_overhead",
+        title="Objective overhead against DPO",
+        description=__doc__.split("\n\n")[1],
+        tables=[table],
+        settings=args,
+        data={"model": dataclasses.asdict(spec), "round_seconds": times},
+        out=args.out,
+        started=started,
+    )
+    print(files.markdown.read_text())
 
 
 if __name__ == "__main__":

@@ -5,58 +5,25 @@ then with the reference pass (``precomputed``, cache cleared first). Peak memory
 sum of resident set sizes of this process and every process it started (Ray's raylet, workers
 and actors), sampled every 0.1 s. Writes JSON and a markdown table.
 
-    python benchmarks/prepare_throughput.py --out benchmarks/results/prepare_throughput
+    python benchmarks/prepare_throughput.py
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import json
-import platform
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import ray
-import torch
+from common import Column, ProcessTreeRss, Table, add_output_argument, write_results
 
 from raypo.config import load_config
 from raypo.data.prepare import prepare
 
 HH = Path(__file__).resolve().parents[1] / "tests" / "data" / "hh_harmless_1800.jsonl.gz"
-
-
-class PeakRss:
-    """Samples the summed RSS of this process tree in a background thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.peak = max(self.peak, total)
-            time.sleep(0.1)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _measure(workdir: Path, data: Path, mode: str, args: argparse.Namespace) -> dict:
@@ -74,7 +41,7 @@ def _measure(workdir: Path, data: Path, mode: str, args: argparse.Namespace) -> 
             "--data.num_cpus_per_op=0.5",
         ],
     )
-    with PeakRss() as peak:
+    with ProcessTreeRss() as peak:
         run = prepare(config)
     stage = "reference" if mode == "precomputed" else "tokenise"
     seconds = run.seconds[stage]
@@ -89,12 +56,16 @@ def _measure(workdir: Path, data: Path, mode: str, args: argparse.Namespace) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/prepare_throughput")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32, help="reference pass batch size")
     parser.add_argument("--actors", type=int, default=1, help="reference pass actors")
+    add_output_argument(parser, "prepare_throughput")
     args = parser.parse_args()
+    started = time.perf_counter()
 
     ray.init(num_cpus=4, include_dashboard=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,28 +76,30 @@ def main() -> None:
         shutil.rmtree(workdir / "precomputed", ignore_errors=True)
     ray.shutdown()
 
-    meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.platform()}, {psutil.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "max_length": args.max_length,
-        "note": "tokenise = read + validate + tokenise + write Parquet (with Ray task start-up); "
-        "reference = tiny-model forward over train+eval pairs with chunked logp+entropy",
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
-    table = ["| stage | rows | seconds | pairs/s | peak RSS (MiB) |", "|---|---|---|---|---|"]
-    table += [
-        "| " + " | ".join(str(r[k]) for k in ("stage", "rows", "seconds", "pairs_per_s")) + " | "
-        f"{r['peak_rss_mib']} |"
-        for r in results
-    ]
-    text = f"# prepare throughput ({meta['date']})\n\n{meta['machine']}; torch {meta['torch']}, "
-    text += f"ray {meta['ray']}; max_length {args.max_length}.\n{meta['note']}.\n\n"
-    out.with_suffix(".md").write_text(text + "\n".join(table) + "\n")
-    print("\n".join(table))
+    table = Table(
+        "raypo prepare on 1,800 HH pairs",
+        results,
+        [
+            Column("stage"),
+            Column("rows"),
+            Column("seconds"),
+            Column("pairs_per_s", "pairs/s"),
+            Column("peak_rss_mib", "peak RSS (MiB)"),
+        ],
+        note=f"max_length {args.max_length}. tokenise = read + validate + tokenise + write "
+        "Parquet (with Ray task start-up); reference = tiny-model forward over train+eval pairs "
+        "with chunked logp+entropy. Peak RSS sums the driver and all Ray processes.",
+    )
+    files = write_results(
+        "prepare_throughput",
+        title="Prepare throughput",
+        description=__doc__.split("\n\n")[1],
+        tables=[table],
+        settings=args,
+        out=args.out,
+        started=started,
+    )
+    print(files.markdown.read_text())
 
 
 if __name__ == "__main__":
