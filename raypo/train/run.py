@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -96,12 +97,28 @@ def _fit_tiny(config: RaypoConfig, prepared: PreparedData) -> RaypoConfig:
 
 
 def _storage(config: RaypoConfig) -> str:
-    return str(Path(config.trainer.storage_path or config.run_path / "ray").resolve())
+    """Ray Train's storage path: a URI (``s3://``, ``gs://``, ...) as given, else an absolute
+    directory (default ``RUN_DIR/ray``)."""
+    storage = config.trainer.storage_path
+    if storage and "://" in storage:
+        return storage
+    return str(Path(storage or config.run_path / "ray").resolve())
+
+
+def _has_checkpoints(storage: str, name: str) -> bool:
+    """Whether Ray Train's run ``name`` under ``storage`` (a directory or URI) has checkpoints."""
+    filesystem, base = pyarrow.fs.FileSystem.from_uri(storage)
+    selector = pyarrow.fs.FileSelector(f"{base.rstrip('/')}/{name}", allow_not_found=True)
+    return any(
+        info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        for info in filesystem.get_file_info(selector)
+    )
 
 
 def _refuse_accidental_resume(config: RaypoConfig, resume: bool) -> None:
-    existing = Path(_storage(config)) / config.name
-    if not resume and existing.exists() and any(p.is_dir() for p in existing.glob("checkpoint_*")):
+    storage = _storage(config)
+    if not resume and _has_checkpoints(storage, config.name):
+        existing = f"{storage.rstrip('/')}/{config.name}"
         raise SystemExit(
             f"raypo train: {existing} already holds checkpoints of a run named {config.name!r}; "
             f"continue it with `raypo train --resume {config.run_path}` or choose another "
@@ -188,7 +205,12 @@ def train(
 def main(config: RaypoConfig, args: argparse.Namespace) -> int:
     """CLI entry of ``raypo train``."""
     try:
-        result = train(config, resume=bool(getattr(args, "resume", None)))
+        resume_dir = getattr(args, "resume", None)
+        if resume_dir:
+            # `raypo train CONFIG --resume RUN_DIR` continues the run in RUN_DIR whatever the
+            # config's run_dir says (a restarted cluster job passes both).
+            config = dataclasses.replace(config, run_dir=str(resume_dir))
+        result = train(config, resume=bool(resume_dir))
     except DataQualityError as error:
         print(f"raypo train: {error}", file=sys.stderr)
         return 1
