@@ -388,6 +388,12 @@ class EvalConfig(Section):
     """GPUs per vLLM engine (tensor parallel)."""
     gpu_memory_utilization: float = bounded(0.9, "(0, 1]")
     """Fraction of a GPU's memory one vLLM engine may take."""
+    cpus_per_actor: float = bounded(1.0, "> 0")
+    """CPUs reserved per sampling actor and per scoring task when the cluster has no GPU
+    (fractional allowed); on GPU clusters each takes one CPU and its GPUs."""
+    vllm_cpu_kvcache_gib: int = bounded(1, ">= 1")
+    """vLLM on CPU only: GiB of memory each engine reserves for its KV cache
+    (``VLLM_CPU_KVCACHE_SPACE``, unless that is set in the environment)."""
     reward_model: str | None = None
     """Sequence-classification reward model (directory or hub id) scoring prompt + completion;
     null = no reward scores or win rate (implicit-reward accuracy, KL and lengths remain)."""
@@ -397,6 +403,14 @@ class EvalConfig(Section):
     """Coverage of the bootstrap confidence interval."""
     during_training_num_prompts: int = bounded(0, ">= 0")
     """Prompts of a small generation eval at every ``trainer.eval_steps``; 0 = none."""
+
+    def _validate(self) -> None:
+        self._require(
+            self.temperature > 0 or self.n == 1,
+            "n",
+            f"greedy decoding (eval.temperature 0) gives {self.n} identical completions; set "
+            "eval.n 1 or eval.temperature > 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -413,23 +427,24 @@ class TuneConfig(Section):
     search_alg: Literal["random", "grid", "optuna"] = "random"
     """``random`` sampling; ``grid`` = every combination of the choice([...]) entries (only
     choice allowed), repeated ``num_samples`` times; ``optuna`` = Optuna's TPE."""
-    scheduler: Literal["none", "asha", "pbt"] = "none"
-    """Trial scheduler: ``asha`` stops weak trials early, ``pbt`` copies and perturbs strong ones,
-    ``none`` runs every trial to the end."""
+    scheduler: Literal["none", "asha"] = "none"
+    """Trial scheduler: ``asha`` (asynchronous successive halving) stops weak trials early at
+    their held-out evaluations, ``none`` runs every trial to the end."""
     metric: str = "eval/rewards/accuracies"
-    """Reported metric the sweep optimises (default: held-out implicit-reward accuracy)."""
+    """Reported metric the sweep optimises (default: held-out implicit-reward accuracy, reported
+    every ``trainer.eval_steps`` and at the end of each trial)."""
     mode: Literal["max", "min"] = "max"
     """Whether ``metric`` is maximised or minimised."""
     num_samples: int = bounded(4, ">= 1")
     """Trials drawn from the space (for ``grid``: repeats of the whole grid)."""
     max_concurrent_trials: int = bounded(1, ">= 1")
-    """Trials running at once; each takes ``trainer.num_workers`` workers."""
+    """Trials running at once; each takes ``trainer.num_workers`` workers of
+    ``trainer.cpus_per_worker`` CPUs (and a GPU each with ``trainer.use_gpu``)."""
     grace_period: int = bounded(1, ">= 1")
-    """asha: reports a trial makes before it may be stopped."""
+    """asha: reports of ``metric`` (held-out evaluations) a trial makes before it may be
+    stopped."""
     reduction_factor: float = bounded(2.0, "> 1")
     """asha: 1 / reduction_factor of the trials go on at each rung."""
-    perturbation_interval: int = bounded(2, ">= 1")
-    """pbt: reports between exploit / explore steps."""
 
     def _validate(self) -> None:
         for key, expression in self.search_space.items():

@@ -75,7 +75,7 @@ class TrainResult:
     """The last metrics reported."""
 
 
-def _fit_tiny(config: RaypoConfig, prepared: PreparedData) -> RaypoConfig:
+def fit_tiny(config: RaypoConfig, prepared: PreparedData) -> RaypoConfig:
     """Fit the embedded tiny model to the chosen dialogues so the reference is not random."""
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     rows = read_split(prepared.split_path("train")).limit(FIT_TEXTS).take_all()
@@ -144,7 +144,7 @@ def train(
     if prepared is None:
         prepared = prepare_pairs(config)
     if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
-        config = _fit_tiny(config, prepared)
+        config = fit_tiny(config, prepared)
     split_path = prepared.split_path
     if config.reference.mode == "precomputed":
         split_path = run_reference_pass(config, prepared).split_path

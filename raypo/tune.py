@@ -1,0 +1,237 @@
+"""``raypo tune``: a Ray Tune sweep whose trials are raypo training runs.
+
+The driver prepares what the trials share once (the tokenised pairs, the tiny model's fit, the
+reference pass) when no searched key changes them, then runs a ``Tuner`` over a function trainable
+(Ray Train V2's pattern): each trial applies its sampled ``section.field`` values to the config,
+runs :func:`raypo.train.run.train` in its own run directory ``RUN_DIR/trials/<trial id>`` and
+forwards every report holding ``tune.metric`` to Tune, so ASHA sees one result per held-out
+evaluation. The trial only drives its Train workers, which reserve their own resources
+(``trainer.num_workers`` x ``trainer.cpus_per_worker`` / a GPU each).
+
+The sweep directory ``RUN_DIR`` holds ``config.yaml`` (what ``--resume`` reads), ``tune/`` (Tune's
+experiment), ``trials/``, the shared ``prepared/``, ``tiny-fit/`` and ``reference/``, and the
+results written by :mod:`raypo.tune_results`. ``raypo tune --resume RUN_DIR`` restores the
+experiment: finished trials are kept, unfinished and failed ones continue from their last Train
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from raypo.config import RESOLVED_CONFIG_NAME, ConfigError, RaypoConfig, save_config
+from raypo.data.pipeline import PreparedData, prepare_pairs
+from raypo.data.reference import run_reference_pass
+from raypo.data.validate import DataQualityError
+from raypo.models import TINY_NAME
+from raypo.ray_runtime import init_ray
+from raypo.train.run import fit_tiny, train
+from raypo.tune_results import SweepResult, write_results
+from raypo.tune_space import TRIAL_DONE, TRIALS, apply_params, search_domains
+
+EXPERIMENT = "tune"
+"""Tune's experiment directory inside the sweep directory."""
+SHARED_SECTIONS = ("loss", "trainer", "eval")
+"""Searched keys in these sections leave the data, the tiny fit and the reference unchanged, so
+the driver prepares them once for all trials."""
+TRIAL_RESOURCES = {"cpu": 0, "memory": 2**30}
+"""What a trial's own process reserves. It only drives its Train workers, which reserve their own
+CPUs and GPUs, so it takes no CPU: on a 2-core Ray, 2 workers of 0.5 CPU then leave a whole CPU
+for Ray Data's read tasks (1 CPU each), where any CPU share would stall them. The memory (the
+process imports torch and transformers) also makes the request non-empty, which Tune requires."""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What every trial starts from."""
+
+    base: RaypoConfig
+    """The sweep's config after the shared preparation (fitted model, shared reference cache)."""
+    prepared: PreparedData | None
+    """The shared :class:`raypo.data.pipeline.PreparedData`; None = each trial prepares its own."""
+
+
+def _check_sweep(config: RaypoConfig) -> None:
+    tune_config = config.tune
+    if not tune_config.search_space:
+        problem = "is empty: give at least one dotted key, e.g. loss.beta: loguniform(0.01, 1.0)"
+        raise ConfigError("tune.search_space", {}, problem)
+    for key in ("name", "run_dir"):
+        if key in tune_config.search_space:
+            problem = "is set by the sweep for each trial and cannot be searched"
+            raise ConfigError(f"tune.search_space.{key}", tune_config.search_space[key], problem)
+    if tune_config.metric.startswith("eval/") and config.trainer.eval_steps == 0:
+        problem = (
+            f"tune.metric {tune_config.metric!r} is a held-out metric, reported every "
+            "trainer.eval_steps; set trainer.eval_steps so each trial reports it a few times"
+        )
+        raise ConfigError("trainer.eval_steps", 0, problem)
+
+
+def plan_sweep(config: RaypoConfig) -> SweepPlan:
+    """Prepare what the trials share in the sweep directory, once (see the module docstring)."""
+    per_trial = [k for k in config.tune.search_space if k.split(".")[0] not in SHARED_SECTIONS]
+    if per_trial:
+        print(
+            f"raypo tune: {', '.join(per_trial)} may change the data, the tiny model's fit or "
+            "the reference pass, so every trial prepares its own"
+        )
+        return SweepPlan(config, None)
+    prepared = prepare_pairs(config)
+    if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
+        config = fit_tiny(config, prepared)
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, tiny_fit_steps=0)
+        )
+    shared_cache = str(config.reference_cache_path.resolve())
+    config = dataclasses.replace(
+        config, reference=dataclasses.replace(config.reference, cache_dir=shared_cache)
+    )
+    if config.reference.mode == "precomputed":
+        run_reference_pass(config, prepared)
+    return SweepPlan(config, prepared)
+
+
+class MetricReportCallback(TuneReportCallback):
+    """Forwards to Tune only the Train reports that hold ``metric``: Tune checks every result for
+    it, and ASHA's time unit becomes one held-out evaluation."""
+
+    def __init__(self, metric: str) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint) -> None:
+        """Ray Train's hook, called on its controller after each report of the workers."""
+        if self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
+    """Tune's function trainable: one training run with ``params`` applied to the plan's base.
+
+    A restored trial finds its Train checkpoints in its run directory and continues from them.
+    """
+    metric = plan.base.tune.metric
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = plan.base.run_path / TRIALS / trial_id
+    config = apply_params(plan.base, params, f"{plan.base.name}-{trial_id}", str(run_dir))
+    callbacks = [MetricReportCallback(metric)]
+    result = train(config, resume=True, callbacks=callbacks, prepared=plan.prepared)
+    value = result.metrics.get(metric)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise RuntimeError(
+            f"the training run reported no finite {metric!r} (got {value!r}); "
+            "check tune.metric and trainer.eval_steps"
+        )
+    (run_dir / TRIAL_DONE).write_text(f"{metric}: {value}\n", encoding="utf-8")
+
+
+def _scheduler(config: RaypoConfig) -> TrialScheduler:
+    """ASHA over held-out evaluations (``training_iteration`` counts the reports that hold the
+    metric), or Tune's FIFO."""
+    tune_config = config.tune
+    if tune_config.scheduler == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        grace_period=tune_config.grace_period,
+        reduction_factor=tune_config.reduction_factor,
+        # Rungs sit at grace_period * reduction_factor**k reports; with this off, ASHA's max_t
+        # (its default, 100) only bounds them and never ends a trial that is still improving.
+        stop_last_trials=False,
+    )
+
+
+def _search_alg(config: RaypoConfig) -> SearchAlgorithm | Searcher:
+    """Seeded random / grid variants, or Optuna's TPE (limited to the concurrent trials)."""
+    tune_config = config.tune
+    if tune_config.search_alg == "optuna":
+        optuna = OptunaSearch(seed=config.seed)
+        return ConcurrencyLimiter(optuna, max_concurrent=tune_config.max_concurrent_trials)
+    return BasicVariantGenerator(
+        max_concurrent=tune_config.max_concurrent_trials, random_state=config.seed
+    )
+
+
+def _check_experiment(config: RaypoConfig, resume: bool) -> None:
+    """Refuse to resume nothing, or to start a second sweep over an existing one."""
+    experiment = config.run_path / EXPERIMENT
+    if resume and not tune.Tuner.can_restore(str(experiment)):
+        raise SystemExit(f"raypo tune: no Tune experiment to resume in {experiment}")
+    if not resume and experiment.exists():
+        raise SystemExit(
+            f"raypo tune: {experiment} already holds a sweep; continue it with "
+            f"`raypo tune --resume {config.run_path}` or choose another --run_dir or --name"
+        )
+
+
+def _tuner(config: RaypoConfig, plan: SweepPlan, resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(partial(run_trial, plan=plan), TRIAL_RESOURCES)
+    if resume:
+        experiment = str(config.run_path / EXPERIMENT)
+        return tune.Tuner.restore(experiment, trainable, resume_errored=True)
+    tune_config = config.tune
+    return tune.Tuner(
+        trainable,
+        param_space=search_domains(tune_config),
+        tune_config=tune.TuneConfig(
+            metric=tune_config.metric,
+            mode=tune_config.mode,
+            search_alg=_search_alg(config),
+            scheduler=_scheduler(config),
+            num_samples=tune_config.num_samples,
+        ),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(config.run_path)),
+    )
+
+
+def run_sweep(config: RaypoConfig, resume: bool = False) -> SweepResult:
+    """Run (or, with ``resume``, continue) the sweep in ``config.run_path``; write and return
+    its results."""
+    config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
+    _check_sweep(config)
+    _check_experiment(config, resume)
+    init_ray()
+    save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
+    plan = plan_sweep(config)
+    grid = _tuner(config, plan, resume).fit()
+    return write_results(config, grid)
+
+
+def main(config: RaypoConfig, args: argparse.Namespace) -> int:
+    """CLI entry of ``raypo tune``: 0 when every trial ended, 1 when some failed or the sweep
+    was interrupted."""
+    resume = getattr(args, "resume", None)
+    if resume:
+        config = dataclasses.replace(config, run_dir=str(Path(resume).resolve()))
+    try:
+        result = run_sweep(config, resume=bool(resume))
+    except DataQualityError as error:
+        print(f"raypo tune: {error}", file=sys.stderr)
+        return 1
+    print(result.table)
+    if result.best_config is not None:
+        print(
+            f"best config: {result.best_config}  (run it with `raypo train {result.best_config}`)"
+        )
+    if result.failed or result.unfinished:
+        print(
+            f"raypo tune: {result.failed} trial(s) failed and {result.unfinished} did not finish "
+            f"(see {result.table_path}); go on with `raypo tune --resume {config.run_path}`",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
