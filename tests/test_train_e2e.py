@@ -13,6 +13,7 @@ from raypo.config import load_config
 from raypo.data.pipeline import read_split
 from raypo.models import load_tokenizer, resolve_model_path
 from raypo.train.checkpoint import trained_ids
+from raypo.train.export import STRENGTH_FILE
 from raypo.train.metrics import read_metrics
 from raypo.train.run import FAULT_ENV, train
 from raypo.train.tiny_fit import fit_reference
@@ -182,12 +183,11 @@ def test_resume_after_the_whole_job_stopped_trains_each_pair_once(
     assert rates[-1] == pytest.approx(0.0, abs=1e-12) and min(rates[:-1]) > 0, by_step
 
 
-@pytest.mark.parametrize(("objective", "stage"), [("mallows_phi", 2), ("mixdpo", 3)])
-def test_objective_loss_decreases_on_a_fixed_set_with_two_workers(
-    ray_session, tmp_path: Path, objective: str, stage: int
-) -> None:
-    """16 pairs, 2 workers x 4 pairs: each epoch is 2 steps on the same pairs; 4 epochs. The
-    reference is the tiny model fitted for 30 steps (Hn well below 1) so w(x) is not ~0."""
+def test_mixdpo_whole_run_learns_its_strength_and_exports_it(ray_session, tmp_path: Path) -> None:
+    """16 pairs, 2 workers x 4 pairs: each epoch is 2 steps on the same pairs; 4 epochs, through
+    raypo.train.run.train (every objective on both ZeRO stages: tests/test_train_distributed.py).
+    The reference is the tiny model fitted for 30 steps."""
+    objective, stage = "mixdpo", 3
     config = _config(
         tmp_path / "run",
         f"--loss.type={objective}",
@@ -208,6 +208,9 @@ def test_objective_loss_decreases_on_a_fixed_set_with_two_workers(
     epochs = [m for m in read_metrics(result.run_path) if "loss" in m and m["samples_per_s"] > 0]
     assert len(epochs) == 4, epochs
     assert epochs[-1]["loss"] < epochs[0]["loss"] - 1e-3, [e["loss"] for e in epochs]
-    if objective == "mixdpo":
-        assert epochs[0]["mixdpo/beta_mean"] == pytest.approx(1.0, rel=1e-6)  # E[beta] fixed
-        assert "mixdpo/beta_cv" in epochs[-1]
+    assert epochs[0]["mixdpo/beta_mean"] == pytest.approx(1.0, rel=1e-6)  # E[beta] fixed
+    exported = json.loads((result.final_dir / STRENGTH_FILE).read_text())
+    assert exported["family"] == "lognormal"
+    assert exported["moments"]["mean"] == pytest.approx(1.0, rel=1e-6)
+    assert exported["moments"]["cv"] == pytest.approx(epochs[-1]["mixdpo/beta_cv"], rel=0.05)
+    assert exported["moments"]["cv"] != pytest.approx(0.5, rel=1e-4)  # learned from the init
