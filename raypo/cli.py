@@ -109,15 +109,34 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-def _config_file(args: argparse.Namespace) -> Path | None:
-    """The YAML to load: CONFIG or --config, else the saved config of --resume or RUN_DIR."""
+def _override_value(overrides: Sequence[str], key: str) -> str | None:
+    """The value given to ``--key`` among the split-off overrides, if any."""
+    for position, token in enumerate(overrides):
+        flag, equals, value = token.partition("=")
+        if flag == f"--{key}":
+            if equals:
+                return value
+            return overrides[position + 1] if position + 1 < len(overrides) else None
+    return None
+
+
+def _config_file(args: argparse.Namespace, overrides: Sequence[str] = ()) -> Path | None:
+    """The YAML to load: CONFIG or --config, else the saved config of --resume or RUN_DIR (for
+    ``eval``, the run directory given as ``--run_dir``, when it holds a saved config)."""
     if args.config_file and args.config_option:
         raise ConfigError(None, None, "give CONFIG or --config, not both", COMMAND_LINE)
     chosen = args.config_file or args.config_option
     if chosen:
         return Path(chosen)
     run_dir = getattr(args, "resume", None) or getattr(args, "run_dir", None)
-    return Path(run_dir) / RESOLVED_CONFIG_NAME if run_dir else None
+    if run_dir:
+        return Path(run_dir) / RESOLVED_CONFIG_NAME
+    if getattr(args, "command", None) == "eval":
+        evaluated = _override_value(overrides, "run_dir")
+        saved = Path(evaluated) / RESOLVED_CONFIG_NAME if evaluated else None
+        if saved is not None and saved.exists():
+            return saved
+    return None
 
 
 def _aliases(args: argparse.Namespace) -> list[str]:
@@ -127,7 +146,7 @@ def _aliases(args: argparse.Namespace) -> list[str]:
 
 def _run_external(args: argparse.Namespace, overrides: list[str]) -> int:
     """Load and validate the config, then call the command's implementation."""
-    config_file = _config_file(args)
+    config_file = _config_file(args, overrides)
     if config_file is None and args.command in ("train", "tune"):
         args.parser.error(f"{args.command} needs CONFIG (or --resume RUN_DIR)")
     handler = _handler(args.command)

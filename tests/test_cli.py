@@ -182,6 +182,18 @@ def test_eval_policy_and_baseline_flags_are_config_overrides(
     assert (config.eval.policy, config.eval.baseline) == ("runs/a/final", "runs/b/final")
 
 
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_eval_of_a_run_directory_reads_its_saved_config(
+    tmp_path: Path, recorded: list[tuple[RaypoConfig, object]], form: str
+) -> None:
+    save_config(load_config(QUICKSTART, ["--seed", "11"]), tmp_path / RESOLVED_CONFIG_NAME)
+    flags = ["--run_dir", str(tmp_path)] if form == "separate" else [f"--run_dir={tmp_path}"]
+    assert cli.main(["eval", *flags, "--eval.num_prompts", "3"]) == 0
+    config = recorded[0][0]
+    assert (config.seed, config.loss.type, config.eval.num_prompts) == (11, "mallows_theta", 3)
+    assert config.run_dir == str(tmp_path)
+
+
 def test_report_reads_the_config_saved_in_the_run_directory(
     tmp_path: Path, recorded: list[tuple[RaypoConfig, object]]
 ) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation with generation: sampling backends, scorers, ``raypo eval`` and the report."""

@@ -1,0 +1,512 @@
+"""The run report: ``RUN_DIR/eval/report.md`` with PNG plots, rebuilt from the files a run saved.
+
+Inputs (each optional except the resolved config): ``metrics.jsonl`` (training curves, the
+reference's likelihood accuracy), the reference pass Parquet (``ref_hn_*`` columns -> the
+dispersion weight w(x)), ``final/mixdpo_strength.json`` (the learned beta distribution),
+``eval/results.json`` and ``eval/samples.jsonl`` written by ``raypo eval`` (summary numbers,
+reward histograms, the per-group table). Whatever is absent becomes an entry of the report's
+"Missing" section with the reason, never a made-up number. ``raypo report RUN_DIR`` calls
+:func:`main`; ``raypo eval`` calls :func:`build_report` after writing its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, load_config
+from raypo.eval import plots
+from raypo.losses import OBJECTIVES
+from raypo.train.metrics import METRICS_FILE, read_metrics
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.jsonl"
+
+_CURVES = (
+    ("Loss", "loss", {"train": "loss", "held-out": "eval/loss"}),
+    (
+        "Reward accuracy",
+        "accuracy (chosen reward > rejected)",
+        {
+            "train": "rewards/accuracies",
+            "held-out": "eval/rewards/accuracies",
+            "reference likelihood (train)": "reference/accuracies",
+            "reference likelihood (held-out)": "eval/reference/accuracies",
+        },
+    ),
+    (
+        "Reward margin",
+        "reward(chosen) - reward(rejected)",
+        {"train": "rewards/margins", "held-out": "eval/rewards/margins"},
+    ),
+)
+"""(panel title, y label, {series label: metric name}) of training_curves.png."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One embedded plot of the report."""
+
+    title: str
+    file: str
+    """Path relative to report.md."""
+    caption: str
+
+
+@dataclass
+class _Report:
+    """What the report accumulates while its sections are built (figures, tables, gaps)."""
+
+    figures: list[Figure] = field(default_factory=list)
+    group_table: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The saved files of one run, read once."""
+
+    run_path: Path
+    eval_dir: Path
+    config: RaypoConfig
+    metrics: list[dict[str, Any]]
+    results: dict[str, Any] | None
+    samples: list[dict[str, Any]] | None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        problem = f"{path}: not valid JSON ({error}); rerun the step that wrote it"
+        raise ValueError(problem) from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _series(metrics: list[dict[str, Any]], name: str) -> plots.Series:
+    """(steps, values) of ``name`` over the records that logged a finite value of it."""
+    points = [(row["step"], row[name]) for row in metrics if row.get(name) is not None]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def _last(metrics: list[dict[str, Any]], name: str) -> tuple[int, float] | None:
+    """(step, value) of the last record with a value of ``name``."""
+    steps, values = _series(metrics, name)
+    return (steps[-1], values[-1]) if steps else None
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _num(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _na(reason: str) -> str:
+    return f"n/a ({reason})"
+
+
+def _training_curves(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+    if not inputs.metrics:
+        report.missing.append(("Training curves", f"no {METRICS_FILE} in {inputs.run_path}"))
+        return
+    panels = []
+    for title, ylabel, names in _CURVES:
+        series = {label: _series(inputs.metrics, name) for label, name in names.items()}
+        series = {label: points for label, points in series.items() if points[0]}
+        if series:
+            panels.append(plots.Panel(title, ylabel, series))
+    if not panels:
+        reason = f"{METRICS_FILE} has no loss, rewards/accuracies or rewards/margins values"
+        report.missing.append(("Training curves", reason))
+        return
+    path = plots.training_curves(panels, plots_dir / "training_curves.png")
+    caption = (
+        "Loss, implicit-reward accuracy and reward margin per logged optimizer step, on training "
+        "batches and on the held-out pairs; dashed lines are the reference model's own "
+        "likelihood accuracy."
+    )
+    report.figures.append(Figure("Training curves", f"{PLOTS_DIR}/{path.name}", caption))
+
+
+def _reference_directory(config: RaypoConfig, run_path: Path) -> tuple[Path | None, str]:
+    """The reference pass directory of this run, or None and why it is not available.
+
+    The fingerprint is recomputed from the saved config; when it matches no pass (the data or a
+    model changed since training) but the cache holds exactly one complete pass, that one is used
+    and the report says so."""
+    from raypo.data.reference import COMPLETE_MARKER, reference_fingerprint
+    from raypo.models import ModelLoadError
+
+    # {run_dir} in reference.cache_dir means the directory the run lives in now.
+    located = dataclasses.replace(config, run_dir=str(run_path))
+    cache = located.reference_cache_path
+    try:
+        directory = cache / reference_fingerprint(located)[:16]
+    except (ModelLoadError, OSError) as error:
+        directory, why = None, f"fingerprint not computable ({error})"
+    else:
+        why = f"no reference pass {directory.name} under {cache}"
+    if directory is not None and (directory / COMPLETE_MARKER).exists():
+        return directory, ""
+    complete = sorted(marker.parent for marker in cache.glob(f"*/{COMPLETE_MARKER}"))
+    if len(complete) == 1:
+        return complete[0], f"{why}; used the only pass there, {complete[0].name}"
+    return None, f"{why} (found {len(complete)} complete passes)"
+
+
+def _dispersion_weights(inputs: _Inputs, report: _Report) -> dict[str, np.ndarray] | None:
+    """w(x) per split from the reference pass, or None after noting why in ``report``."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raypo.dispersion import dispersion_weight
+
+    config = inputs.config
+    if config.reference.mode != "precomputed":
+        reason = (
+            f"not available: reference.mode is {config.reference.mode}, so the reference "
+            "entropies Hn were never saved"
+        )
+        report.missing.append(("Dispersion histogram", reason))
+        return None
+    directory, note = _reference_directory(config, inputs.run_path)
+    if directory is None:
+        report.missing.append(("Dispersion histogram", note))
+        return None
+    if note:
+        report.notes.append(f"Dispersion histogram: {note}.")
+    weights = {}
+    for split in ("train", "eval"):
+        if (directory / split).is_dir():
+            table = pq.read_table(directory / split, columns=["ref_hn_chosen", "ref_hn_rejected"])
+            hn = [torch.tensor(table.column(name).to_numpy()) for name in table.column_names]
+            weights[split] = dispersion_weight(*hn, scale=config.loss.dispersion_scale).numpy()
+    weights = {split: values for split, values in weights.items() if len(values)}
+    if not weights:
+        report.missing.append(("Dispersion histogram", f"{directory} holds no pairs"))
+        return None
+    return weights
+
+
+def _dispersion(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+    weights = _dispersion_weights(inputs, report)
+    if weights is None:
+        return
+    loss = inputs.config.loss
+    path = plots.dispersion_histogram(weights, loss.dispersion_scale, plots_dir / "dispersion.png")
+    used = OBJECTIVES[loss.type].uses_dispersion
+    role = "the weight the loss applied to each pair" if used else f"not used by loss {loss.type}"
+    means = ", ".join(f"{split} {_num(float(np.mean(w)))}" for split, w in weights.items())
+    caption = (
+        f"Distribution of the MallowsPO dispersion weight w(x) = -c ln Hn(x) (c = "
+        f"{loss.dispersion_scale:g}) over the {' and '.join(weights)} pairs, from the reference "
+        f"model's normalised entropies ({role}); dashed lines mark the means ({means})."
+    )
+    report.figures.append(Figure("Dispersion weight w(x)", f"{PLOTS_DIR}/{path.name}", caption))
+
+
+def _strength(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+    loss = inputs.config.loss
+    title = "Learned MixDPO beta distribution"
+    if not OBJECTIVES[loss.type].learns_strength:
+        report.missing.append((title, f"loss.type is {loss.type}, which learns no distribution"))
+        return
+    from raypo.train.export import STRENGTH_FILE
+
+    source = inputs.run_path / "final" / STRENGTH_FILE
+    if not source.is_file():
+        report.missing.append((title, f"no {source} (training did not finish?)"))
+        return
+    strength = _read_json(source)
+    cv = _series(inputs.metrics, "mixdpo/cv")
+    path = plots.strength_plot(
+        strength, cv if cv[0] else None, loss.beta, plots_dir / "mixdpo_beta.png"
+    )
+    caption = (
+        f"Density of the {strength['family']} distribution of the preference strength beta "
+        f"learned by MixDPO (mean {_num(strength['moments']['mean'])}, CV "
+        f"{_num(strength['moments']['cv'])})"
+        + (", and its coefficient of variation over training." if cv[0] else ".")
+    )
+    report.figures.append(Figure(title, f"{PLOTS_DIR}/{path.name}", caption))
+
+
+def _win_rate_text(results: Mapping[str, Any] | None) -> str:
+    if results is None:
+        return _na(f"no {RESULTS_FILE}: run `raypo eval`")
+    win = results["win_rate"]
+    if win is None:
+        return _na(_no_reward_reason(results))
+    level = round(100 * win["confidence_level"])
+    return (
+        f"{_pct(win['value'])} ({level}% CI {_pct(win['ci_low'])} to {_pct(win['ci_high'])}; "
+        f"ties {_pct(win['ties'])}; {win['num_pairs']} pairs)"
+    )
+
+
+def _no_reward_reason(results: Mapping[str, Any]) -> str:
+    if results["reward_model"] is None:
+        return "no reward model configured (eval.reward_model is null)"
+    return f"the reward model {results['reward_model']} produced no scores"
+
+
+def _rewards(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+    title = "Reward distributions"
+    if inputs.results is None or inputs.samples is None:
+        absent = RESULTS_FILE if inputs.results is None else SAMPLES_FILE
+        report.missing.append((title, f"no {inputs.eval_dir / absent}: run `raypo eval`"))
+        return
+    scored = [
+        (row["policy_reward"], row["baseline_reward"])
+        for row in inputs.samples
+        if row["policy_reward"] is not None and row["baseline_reward"] is not None
+    ]
+    if not scored:
+        report.missing.append((title, _no_reward_reason(inputs.results)))
+        return
+    policy, baseline = (np.asarray(side, dtype=np.float64) for side in zip(*scored, strict=True))
+    heading = f"Reward-model scores, policy vs {inputs.results['baseline']}"
+    heading += f"\nwin rate {_win_rate_text(inputs.results)}"
+    path = plots.reward_histograms(policy, baseline, heading, plots_dir / "rewards.png")
+    caption = (
+        f"Reward-model scores of the policy's and the baseline's completions for the same "
+        f"{len(scored)} prompt samples, with each side's mean dashed."
+    )
+    report.figures.append(Figure(title, f"{PLOTS_DIR}/{path.name}", caption))
+
+
+def _group_row(name: str, stats: Mapping[str, Any]) -> str:
+    accuracy = "n/a (no pairs)" if stats["accuracy"] is None else _pct(stats["accuracy"])
+    margin = "n/a (no pairs)" if stats["margin_mean"] is None else _num(stats["margin_mean"])
+    spread = "n/a (no pairs)" if stats["margin_std"] is None else _num(stats["margin_std"])
+    return f"| {name} | {stats['pairs']} | {accuracy} | {margin} | {spread} |"
+
+
+def _groups(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+    if inputs.results is None:
+        reason = f"no {inputs.eval_dir / RESULTS_FILE}: run `raypo eval`"
+        report.missing.append(("Per-group table", reason))
+        return
+    implicit = inputs.results["implicit_reward"]
+    groups = implicit["groups"]
+    report.group_table = [
+        "| group | pairs | accuracy | margin mean | margin std |",
+        "|---|---:|---:|---:|---:|",
+        *(_group_row(name, stats) for name, stats in groups.items()),
+        _group_row("**overall**", implicit["overall"]),
+    ]
+    if not groups:
+        report.notes.append("Per-group table: the data has no group column (data.group_field).")
+    plotted = {name: stats for name, stats in groups.items() if stats["accuracy"] is not None}
+    if len(plotted) < 2:
+        reason = f"{len(plotted)} group(s) with pairs; a bar plot needs at least 2"
+        report.missing.append(("Per-group bar plot", reason))
+        return
+    path = plots.group_bars(
+        list(plotted),
+        [stats["accuracy"] for stats in plotted.values()],
+        [stats["pairs"] for stats in plotted.values()],
+        plots_dir / "groups.png",
+    )
+    caption = "Held-out implicit-reward accuracy of the policy against the reference per group."
+    report.figures.append(Figure("Per-group accuracy", f"{PLOTS_DIR}/{path.name}", caption))
+
+
+def _side_pair(results: Mapping[str, Any], key: str) -> str:
+    """``policy / baseline`` of one generation statistic."""
+    generation = results["generation"]
+    values = [generation[side][key] for side in ("policy", "baseline")]
+    return " / ".join(_na("not computed") if v is None else _num(v) for v in values)
+
+
+def _held_out_accuracy(inputs: _Inputs) -> str:
+    if inputs.results is not None:
+        overall = inputs.results["implicit_reward"]["overall"]
+        if overall["accuracy"] is not None:
+            return f"{_pct(overall['accuracy'])} ({overall['pairs']} pairs, {RESULTS_FILE})"
+    last = _last(inputs.metrics, "eval/rewards/accuracies")
+    if last is None:
+        return _na("no held-out evaluation in metrics.jsonl and no results.json")
+    return f"{_pct(last[1])} (step {last[0]}, {METRICS_FILE})"
+
+
+def _metric_text(inputs: _Inputs, name: str, fmt: Any) -> str:
+    last = _last(inputs.metrics, name)
+    if last is None:
+        return _na(f"{name} not in {METRICS_FILE}")
+    return f"{fmt(last[1])} (step {last[0]})"
+
+
+def _kl_text(kl: Mapping[str, Any]) -> str:
+    if kl["std_error"] is None:
+        spread = "standard error n/a (one prompt)"
+    else:
+        spread = f"± {_num(kl['std_error'])} standard error"
+    return f"{_num(kl['mean'])} nats per completion ({spread}; {kl['num_samples']} completions)"
+
+
+def _eval_rows(results: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """Summary rows that only ``raypo eval`` can fill."""
+    if results is None:
+        absent = _na(f"no {RESULTS_FILE}: run `raypo eval`")
+        return [("Win rate vs baseline", absent), ("KL(policy ‖ reference)", absent)]
+    kl, rewards = results["kl"], results["rewards"]
+    kl_text = _na("not computed") if kl is None else _kl_text(kl)
+    reward_text = (
+        _na(_no_reward_reason(results))
+        if rewards is None
+        else f"{_num(rewards['policy']['mean'])} / {_num(rewards['baseline']['mean'])}"
+    )
+    sampling = results["sampling"]
+    return [
+        ("Win rate vs baseline", _win_rate_text(results)),
+        ("Mean reward, policy / baseline", reward_text),
+        ("KL(policy ‖ reference)", kl_text),
+        ("Mean completion tokens, policy / baseline", _side_pair(results, "mean_tokens")),
+        ("distinct-1, policy / baseline", _side_pair(results, "distinct_1")),
+        ("distinct-2, policy / baseline", _side_pair(results, "distinct_2")),
+        ("Completions per second, policy / baseline", _side_pair(results, "generations_per_s")),
+        ("Baseline", f"{results['baseline']}"),
+        ("Sampling backend", f"{results['backend']} ({results['backend_reason']})"),
+        (
+            "Sampling",
+            f"{results['num_prompts']} prompts x n={sampling['n']}, temperature "
+            f"{sampling['temperature']:g}, top_p {sampling['top_p']:g}, max_tokens "
+            f"{sampling['max_tokens']}, seed {sampling['seed']}",
+        ),
+    ]
+
+
+def _summary(inputs: _Inputs) -> list[str]:
+    rows = [
+        ("Held-out implicit-reward accuracy (policy vs reference)", _held_out_accuracy(inputs)),
+        (
+            "Reference likelihood accuracy (held-out)",
+            _metric_text(inputs, "eval/reference/accuracies", _pct),
+        ),
+        ("Final training loss", _metric_text(inputs, "loss", _num)),
+        ("Final held-out loss", _metric_text(inputs, "eval/loss", _num)),
+        *_eval_rows(inputs.results),
+    ]
+    return ["| quantity | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+
+
+def _header(inputs: _Inputs) -> list[str]:
+    config = inputs.config
+    loss, trainer = config.loss, config.trainer
+    last_time = _last(inputs.metrics, "time")
+    trained = (
+        datetime.fromtimestamp(last_time[1], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if last_time
+        else _na(f"no {METRICS_FILE}")
+    )
+    last_step = _last(inputs.metrics, "step")
+    steps = f"{last_step[1]} logged" if last_step else _na(f"no {METRICS_FILE}")
+    if trainer.max_steps is not None:
+        steps += f" (trainer.max_steps {trainer.max_steps})"
+    built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"# raypo report: {config.name}",
+        "",
+        f"Run directory `{inputs.run_path}`; last metrics logged {trained}; report built {built}.",
+        "",
+        f"Objective **{loss.type}**: {OBJECTIVES[loss.type].summary}.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| loss.type | {loss.type} |",
+        f"| loss.beta | {loss.beta:g} |",
+        f"| loss.dispersion_scale | {loss.dispersion_scale:g} |",
+        f"| model | {config.model.name_or_path} ({config.model.dtype}) |",
+        f"| reference.mode | {config.reference.mode} |",
+        f"| steps | {steps} |",
+        f"| workers x batch x accumulation | {trainer.num_workers} x "
+        f"{trainer.per_device_batch_size} x {trainer.gradient_accumulation_steps} |",
+        f"| learning rate | {trainer.learning_rate:g} ({trainer.lr_scheduler}) |",
+    ]
+
+
+def _markdown(inputs: _Inputs, report: _Report) -> str:
+    lines = [*_header(inputs), "", "## Summary", "", *_summary(inputs), "", "## Plots", ""]
+    for figure in report.figures:
+        image = f"![{figure.title}]({figure.file})"
+        lines += [f"### {figure.title}", "", image, "", figure.caption, ""]
+    if report.group_table:
+        lines += ["## Per-group implicit-reward accuracy (held-out)", "", *report.group_table, ""]
+    if report.notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in report.notes), ""]
+    lines += ["## Missing", ""]
+    lines += [f"- **{name}**: {reason}" for name, reason in report.missing] or ["Nothing."]
+    return "\n".join(lines) + "\n"
+
+
+def _read_inputs(run_path: Path, eval_dir: Path, config: RaypoConfig | None) -> _Inputs:
+    config_path = run_path / RESOLVED_CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{run_path} is not a raypo run directory: no {RESOLVED_CONFIG_NAME}; pass the "
+            "directory `raypo train` wrote (its run_dir)"
+        )
+    results_path, samples_path = eval_dir / RESULTS_FILE, eval_dir / SAMPLES_FILE
+    return _Inputs(
+        run_path=run_path,
+        eval_dir=eval_dir,
+        config=load_config(config_path) if config is None else config,
+        metrics=read_metrics(run_path),
+        results=_read_json(results_path) if results_path.is_file() else None,
+        samples=_read_jsonl(samples_path) if samples_path.is_file() else None,
+    )
+
+
+def build_report(
+    run_path: Path, eval_dir: Path | None = None, config: RaypoConfig | None = None
+) -> Path:
+    """Write ``eval_dir/report.md`` and ``eval_dir/plots/*.png`` from the run's saved files.
+
+    ``eval_dir`` defaults to ``run_path/eval``; ``config`` to the run's resolved config (pass it
+    to apply command-line overrides such as a different ``loss.dispersion_scale``). Sections whose
+    inputs are absent are listed under "Missing" with the reason. Returns the path of report.md.
+    """
+    run_path = Path(run_path)
+    eval_dir = run_path / "eval" if eval_dir is None else Path(eval_dir)
+    inputs = _read_inputs(run_path, eval_dir, config)
+    plots_dir = eval_dir / PLOTS_DIR
+    report = _Report()
+    for section in (_training_curves, _dispersion, _strength, _rewards, _groups):
+        section(inputs, plots_dir, report)
+    target = eval_dir / REPORT_FILE
+    target.write_text(_markdown(inputs, report), encoding="utf-8")
+    return target
+
+
+def main(config: RaypoConfig, args: argparse.Namespace) -> int:
+    """``raypo report RUN_DIR``: rebuild RUN_DIR/eval/report.md; prints its path."""
+    run_path = Path(args.run_dir)
+    for required in (RESOLVED_CONFIG_NAME, METRICS_FILE):
+        if not (run_path / required).is_file():
+            print(
+                f"raypo report: {run_path} has no {required}; pass a run directory written by "
+                "`raypo train` (it holds config.yaml and metrics.jsonl)",
+                file=sys.stderr,
+            )
+            return 1
+    print(build_report(run_path, config=config))
+    return 0

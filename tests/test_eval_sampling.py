@@ -1,0 +1,156 @@
+"""Sampling backends on the tiny model: the backend choice, transformers generate (always) and
+vLLM (only where ``vllm`` is importable: the ``cpu-vllm`` extra in its own environment)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from raypo.config import EvalConfig, load_config
+from raypo.eval import sampling
+from raypo.eval.sampling import (
+    EvalError,
+    HFSampler,
+    SamplingSettings,
+    choose_backend,
+    finish_completion,
+    sample_completions,
+    vllm_importable,
+)
+from raypo.models import load_tokenizer, resolve_model_path
+
+PROMPTS = [
+    "\n\nHuman: How do I bake bread?\n\nAssistant:",
+    "\n\nHuman: hi\n\nAssistant:",
+    "\n\nHuman: What is the capital of France? Tell me more about it.\n\nAssistant:",
+    "\n\nHuman: Can you help me?\n\nAssistant:",
+]
+
+
+def _eval_config(*overrides: str) -> EvalConfig:
+    return load_config(None, ["--eval.max_tokens=12", "--eval.batch_size=2", *overrides]).eval
+
+
+@pytest.fixture(scope="module")
+def tiny(raypo_cache: str) -> tuple[str, list[list[int]]]:
+    """The tiny model's directory and the token ids of PROMPTS (BOS first, as the chat template
+    renders prompts), of different lengths so that batches are padded."""
+    path = resolve_model_path("tiny")
+    tokenizer = load_tokenizer(path)
+    ids = [[tokenizer.bos_token_id, *tokenizer.encode(text)] for text in PROMPTS]
+    assert len({len(i) for i in ids}) == len(ids)
+    return path, ids
+
+
+def test_choose_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_backend("hf").name == "hf"
+    monkeypatch.setattr(sampling, "vllm_importable", lambda: False)
+    choice = choose_backend("auto")
+    assert (choice.name, choice.reason) == ("hf", "eval.backend auto and vllm is not installed")
+    with pytest.raises(EvalError, match=r"raypo\[cpu-vllm\]"):
+        choose_backend("vllm")
+    monkeypatch.setattr(sampling, "vllm_importable", lambda: True)
+    assert choose_backend("auto").name == "vllm"
+    assert choose_backend("vllm").reason == "eval.backend is vllm"
+
+
+def test_greedy_with_several_samples_is_refused() -> None:
+    with pytest.raises(Exception, match="eval.n 1 or eval.temperature > 0"):
+        load_config(None, ["--eval.temperature=0", "--eval.n=2"])
+
+
+def test_finish_completion_keeps_the_stopping_eos() -> None:
+    assert finish_completion([5, 6, 1, 2, 2], eos_token_id=1) == [5, 6, 1]
+    assert finish_completion([5, 6], eos_token_id=1) == [5, 6]
+    assert finish_completion([5, 6], eos_token_id=None) == [5, 6]
+
+
+def _greedy_loop(model: torch.nn.Module, prompt: list[int], max_tokens: int, eos: int) -> list[int]:
+    """Reference greedy decoding: one unpadded forward per new token, argmax, stop after EOS."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            if token == eos:
+                break
+    return ids[len(prompt) :]
+
+
+def test_hf_greedy_matches_an_unbatched_loop(tiny) -> None:
+    """Left-padded batches of 2 in generate give exactly the ids of a plain argmax loop."""
+    path, prompts = tiny
+    settings = SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=10, n=1, seed=0)
+    sampler = HFSampler(path, "fp32", batch_size=2)
+    generations = sampler.generate(prompts, settings, first_index=5)
+    assert [g.prompt_index for g in generations] == [5, 6, 7, 8]
+    eos = sampler.tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    for generation, prompt in zip(generations, prompts, strict=True):
+        assert generation.token_ids == _greedy_loop(model, prompt, 10, eos)
+        assert generation.text == sampler.tokenizer.decode(
+            generation.token_ids, skip_special_tokens=True
+        )
+
+
+@pytest.mark.slow
+def test_hf_pool_sampling_is_seeded_and_independent_of_actors(tiny, ray_session) -> None:
+    """n=2 samples at temperature 1 from the Ray pool: 2 actors (prompts 0-1 and 2-3) give the
+    same completions as 1 actor, because each batch of 2 prompts is seeded by its first index,
+    and as the sampler called in this process; another seed gives other completions."""
+    path, prompts = tiny
+    config = _eval_config("--eval.n=2", "--eval.num_actors=2", "--eval.cpus_per_actor=0.5")
+    two = sample_completions("hf", path, prompts, config, "fp32")
+    keys = [(g.prompt_index, g.sample_index) for g in two.generations]
+    assert keys == [(p, s) for p in range(4) for s in range(2)]
+    assert all(1 <= len(g.token_ids) <= 12 for g in two.generations)
+    assert two.seconds > 0 and two.startup_seconds > 0
+    one = sample_completions("hf", path, prompts, dataclasses.replace(config, num_actors=1), "fp32")
+    assert [g.token_ids for g in one.generations] == [g.token_ids for g in two.generations]
+    assert two.generations[0].token_ids != two.generations[1].token_ids
+    sampler = HFSampler(path, "fp32", batch_size=2)
+    local = sampler.generate(prompts, SamplingSettings.from_config(config), 0)
+    assert local == two.generations
+    other = sampler.generate(
+        prompts, SamplingSettings.from_config(dataclasses.replace(config, seed=1)), 0
+    )
+    assert [g.token_ids for g in other] != [g.token_ids for g in two.generations]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not vllm_importable(),
+    reason="vllm is not installed (the cpu-vllm extra lives in its own environment, see "
+    "README); run this file with that environment's python",
+)
+def test_vllm_greedy_equals_hf_and_sampling_is_seeded(tiny, ray_session) -> None:
+    """One vLLM-CPU engine (fp32) in a Ray actor: greedy ids equal transformers' exactly; n=2
+    sampling repeats with the same seeds and prompt numbers, and changes with other numbers."""
+    from raypo.eval.vllm_actor import VLLMSampler
+
+    path, prompts = tiny
+    config = _eval_config("--eval.cpus_per_actor=1")
+    greedy = SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=12, n=1, seed=0)
+    expected = HFSampler(path, "fp32", batch_size=2).generate(prompts, greedy, 0)
+    actor_options = sampling._actor_options("vllm", config)
+    actor = ray.remote(VLLMSampler).options(**actor_options).remote(path, "fp32", config)
+    try:
+        got = ray.get(actor.generate.remote(prompts, greedy, 0))
+        assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+        assert [g.text for g in got] == [g.text for g in expected]
+        sampled = SamplingSettings(temperature=1.0, top_p=0.9, max_tokens=12, n=2, seed=7)
+        first = ray.get(actor.generate.remote(prompts, sampled, 0))
+        again = ray.get(actor.generate.remote(prompts, sampled, 0))
+        shifted = ray.get(actor.generate.remote(prompts, sampled, 10))
+    finally:
+        ray.kill(actor)
+    assert [(g.prompt_index, g.sample_index) for g in first] == [
+        (p, s) for p in range(4) for s in range(2)
+    ]
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in shifted]
+    assert first[0].token_ids != first[1].token_ids
