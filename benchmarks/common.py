@@ -481,6 +481,20 @@ def peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set size now (``VmRSS``)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Restart :func:`peak_rss_bytes` from the current RSS (Linux >= 4.0: ``clear_refs`` 5), so
+    the peak of one stretch of work can be read in a process that already ran others."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 @dataclass
 class ProcessTreeRss:
     """Context manager sampling the summed RSS of this process and all its descendants.

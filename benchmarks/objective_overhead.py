@@ -11,8 +11,10 @@ machine noise hits them alike; the reported time is the median over rounds.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import functools
+import gc
 import gzip
 import json
 import statistics
@@ -25,8 +27,10 @@ from common import (
     Column,
     Table,
     add_output_argument,
+    current_rss_bytes,
     peak_rss_bytes,
     relative_percent,
+    reset_peak_rss,
     round_robin_seconds,
     write_results,
 )
@@ -85,7 +89,9 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _rows(seconds: dict[str, float], tokens: int, pairs: int, steps: int) -> list[dict]:
+def _rows(
+    seconds: dict[str, float], peaks: dict[str, int], tokens: int, pairs: int, steps: int
+) -> list[dict]:
     overhead = relative_percent(seconds, "dpo")
     return [
         {
@@ -94,9 +100,26 @@ def _rows(seconds: dict[str, float], tokens: int, pairs: int, steps: int) -> lis
             "tokens_per_s": round(tokens / seconds[name]),
             "pairs_per_s": round(pairs * steps / seconds[name], 2),
             "overhead_vs_dpo_pct": round(overhead[name], 2),
+            "step_peak_mib": round(peaks[name] / 2**20),
+            "step_peak_vs_dpo_pct": round(100 * (peaks[name] / peaks["dpo"] - 1), 2),
         }
         for name in OBJECTIVES
     ]
+
+
+def _step_peaks(epoch) -> dict[str, int]:
+    """Per objective, how far RSS rose above its level before one pass over the batches
+    (activations, gradients and optimizer temporaries; the models themselves are resident)."""
+    libc = ctypes.CDLL("libc.so.6")
+    peaks = {}
+    for name in OBJECTIVES:
+        gc.collect()
+        libc.malloc_trim(0)  # hand freed heap back, or RSS would not rise above what is kept
+        before = current_rss_bytes()
+        reset_peak_rss()
+        epoch(name)
+        peaks[name] = peak_rss_bytes() - before
+    return peaks
 
 
 def main() -> None:
@@ -132,9 +155,10 @@ def main() -> None:
     times = round_robin_seconds(
         {name: functools.partial(epoch, name) for name in OBJECTIVES}, rounds=args.rounds
     )
+    peaks = _step_peaks(epoch)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     seconds = {name: statistics.median(values) for name, values in times.items()}
-    rows = _rows(seconds, tokens, args.pairs, len(batches))
+    rows = _rows(seconds, peaks, tokens, args.pairs, len(batches))
     table = Table(
         "step time per objective, same batches, interleaved",
         rows,
@@ -144,11 +168,15 @@ def main() -> None:
             Column("tokens_per_s", "tokens/s"),
             Column("pairs_per_s", "pairs/s"),
             Column("overhead_vs_dpo_pct", "overhead vs DPO (%)"),
+            Column("step_peak_mib", "step peak RSS rise (MiB)"),
+            Column("step_peak_vs_dpo_pct", "peak vs DPO (%)"),
         ],
         note=f"Llama hidden {args.hidden}, {args.layers} layers, vocab {spec.vocab_size}; "
         f"{args.pairs} pairs/step, max length {args.max_length}, {torch.get_num_threads()} torch "
         f"threads; peak RSS {round(peak_rss_bytes() / 2**20)} MiB. First round is warm-up; "
-        "median of the other rounds; fp32; single process.",
+        "median of the other rounds; fp32; single process. Step peak: RSS rise above the level "
+        "before one pass over the batches, measured after the timed rounds, one objective at a "
+        "time (VmHWM reset between them).",
     )
     files = write_results(
         "objective_overhead",
