@@ -454,12 +454,16 @@ def round_robin_seconds(
 ) -> dict[str, list[float]]:
     """Wall times of each variant over ``rounds`` interleaved rounds (warm-up rounds dropped).
 
-    Interleaving (A B C, A B C, ...) makes machine noise hit every variant alike, which matters
-    for side-by-side comparisons on a shared machine.
+    Interleaving makes machine noise hit every variant alike, which matters for side-by-side
+    comparisons on a shared machine; the order rotates each round (A B C, B C A, C A B, ...) so
+    no variant always runs in the same position.
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for round_index in range(warmup_rounds + rounds):
-        for name, fn in variants.items():
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = variants[name]
             started = time.perf_counter()
             fn()
             if round_index >= warmup_rounds:
