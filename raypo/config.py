@@ -402,7 +402,10 @@ class EvalConfig(Section):
     confidence_level: float = bounded(0.95, "(0, 1)")
     """Coverage of the bootstrap confidence interval."""
     during_training_num_prompts: int = bounded(0, ">= 0")
-    """Prompts of a small generation eval at every ``trainer.eval_steps``; 0 = none."""
+    """Held-out prompts (the first by pair id) of a small generation eval at every
+    ``trainer.eval_steps``, sampled by the training workers with this section's settings; logged
+    as ``eval/gen/*`` (mean tokens, stopped fraction, distinct-1/2) with the completions appended
+    to ``RUN_DIR/generations.jsonl``; 0 = none."""
 
     def _validate(self) -> None:
         self._require(
@@ -506,6 +509,10 @@ class RaypoConfig(Section):
             raise ConfigError("reference.cache_dir", self.reference.cache_dir, problem)
         self._check_reference()
         self._check_device()
+        if self.eval.during_training_num_prompts and not self.trainer.eval_steps:
+            problem = "runs at every trainer.eval_steps, which is 0: set trainer.eval_steps > 0"
+            num_prompts = self.eval.during_training_num_prompts
+            raise ConfigError("eval.during_training_num_prompts", num_prompts, problem)
 
     def _check_reference(self) -> None:
         from raypo.losses import OBJECTIVES

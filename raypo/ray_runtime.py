@@ -14,8 +14,12 @@ def init_ray() -> None:
     """Join the Ray cluster this process belongs to, or start a local one.
 
     Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) this connects to that cluster; otherwise
-    it starts a single-node Ray on this machine. A no-op when Ray is already initialised, so tests
-    and notebooks can start Ray with their own resources first.
+    it starts a single-node Ray on this machine, with its dashboard: besides showing the run, the
+    dashboard serves the State API, through which Ray Train's placement-group cleaner learns that
+    a run's controller is gone. Without it the workers' CPUs of a run that ended abruptly (a
+    sweep trial stopped by ASHA) stay reserved, and on a small machine the next trial waits for
+    them forever. A no-op when Ray is already initialised, so tests and notebooks can start Ray
+    with their own resources first.
     """
     if ray.is_initialized():
         return
@@ -23,7 +27,7 @@ def init_ray() -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=True)
     logger.info("ray: %s", ray.cluster_resources())
 
 

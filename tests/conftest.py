@@ -26,12 +26,14 @@ def raypo_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def ray_session(raypo_cache: str) -> Iterator[None]:
     """A local Ray with 4 logical CPUs: Ray Data tasks and Ray Train workers use fractional
-    CPUs, and the extra logical CPUs keep them from starving each other on 2 real cores."""
+    CPUs, and the extra logical CPUs keep them from starving each other on 2 real cores. The
+    dashboard serves the State API that Ray Train's placement-group cleaner needs (see
+    raypo.ray_runtime.init_ray)."""
     import ray
 
     from raypo.ray_runtime import disable_data_progress_bars
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False)
     disable_data_progress_bars()
     yield
     ray.shutdown()

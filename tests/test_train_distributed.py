@@ -11,7 +11,6 @@ One Ray Train run holds all of it, so the workers start once.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -22,14 +21,12 @@ import ray.cloudpickle
 import ray.train
 import torch
 import torch.distributed as dist
+from hh_pairs import hh_columns
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypo.config import DataConfig, RaypoConfig, load_config
+from raypo.config import RaypoConfig, load_config
 from raypo.data.collate import collate_pairs
-from raypo.data.formats import split_hh
-from raypo.data.records import PreferencePair
-from raypo.data.tokenize import tokenize_pairs
 from raypo.forward import preference_batch, reference_columns, sequence_stats
 from raypo.losses import OBJECTIVES, preference_loss
 from raypo.models import load_policy, resolve_model_path
@@ -38,23 +35,9 @@ from raypo.train.loop import _build_worker, _pair_loss, _param_groups, _sync_str
 
 pytestmark = pytest.mark.slow
 
-HH_GZ = Path(__file__).parent / "data" / "hh_harmless_1800.jsonl.gz"
 STEPS = 4
 """Optimizer steps per objective on the fixed set."""
 STAGES = (2, 3)
-
-
-def _rows(tokenizer: Any) -> dict[str, list]:
-    """8 tokenised HH pairs as the column lists Ray Data hands a worker."""
-    lines = gzip.decompress(HH_GZ.read_bytes()).decode().splitlines()[:8]
-    pairs = []
-    for row, line in enumerate(lines, start=1):
-        record = json.loads(line)
-        prompt, chosen, rejected = split_hh(record["chosen"], record["rejected"])
-        pairs.append(PreferencePair(f"hh:{row}", prompt, chosen, rejected, None, "hh", row))
-    data = DataConfig(max_length=96, max_prompt_length=64)
-    rows = [pair.to_row() for pair in tokenize_pairs(pairs, tokenizer, data)]
-    return {name: [row[name] for row in rows] for name in rows[0]}
 
 
 def _config(run_dir: Path) -> RaypoConfig:
@@ -103,7 +86,7 @@ def _step(worker: Any, micro: MicroBatch) -> float:
 
 def _full_batch_logps(worker: Any, rows: dict[str, list]) -> list[float]:
     """Log-probs of all 8 pairs under the worker's (possibly ZeRO-3 partitioned) policy."""
-    batch = collate_pairs(rows, worker.pad_token_id)
+    batch = collate_pairs(rows, worker.tokenizer.pad_token_id)
     with torch.no_grad():
         stats = sequence_stats(
             worker.engine.module,
@@ -143,7 +126,7 @@ def distributed_results(ray_session, tmp_path_factory: pytest.TempPathFactory) -
     _, tokenizer = load_policy("tiny")
     payload = {
         "config": _config(directory / "run"),
-        "rows": _rows(tokenizer),
+        "rows": hh_columns(tokenizer),
         "policy_path": resolve_model_path("tiny"),
         "reference_path": resolve_model_path("tiny"),
         "total_steps": 100,

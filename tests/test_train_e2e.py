@@ -10,10 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from raypo.config import load_config
-from raypo.data.pipeline import read_split
-from raypo.models import load_tokenizer, resolve_model_path
+from raypo.data.pipeline import read_split, split_directory
+from raypo.eval.sampling import SamplingSettings
+from raypo.models import load_policy, load_tokenizer, resolve_model_path
 from raypo.train.checkpoint import trained_ids
 from raypo.train.export import STRENGTH_FILE
+from raypo.train.generation_eval import GenerationPrompt, run_generation_eval
 from raypo.train.metrics import read_metrics
 from raypo.train.run import FAULT_ENV, train
 from raypo.train.tiny_fit import fit_reference
@@ -70,13 +72,18 @@ def test_mallows_theta_trains_logs_checkpoints_and_exports(
         "--trainer.max_steps=4",
         "--trainer.save_steps=2",
         "--trainer.save_total_limit=1",
-        "--trainer.eval_steps=4",
+        "--trainer.eval_steps=2",
+        "--eval.during_training_num_prompts=5",  # odd: one worker's share is padded
+        "--eval.temperature=0",
+        "--eval.max_tokens=8",
+        "--eval.batch_size=2",
     )
     result = train(config)
     metrics = read_metrics(result.run_path)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert TRL_NAMES | {"dispersion/mean", "dispersion/std"} <= set(metrics[-1])
     assert metrics[-1]["eval/pairs"] > 0 and "eval/rewards/accuracies" in metrics[-1]
+    _check_generation_eval(result.run_path, result.final_dir, metrics)
     checkpoints = [
         p for p in (result.run_path / "ray" / config.name).glob("checkpoint_*") if p.is_dir()
     ]
@@ -95,6 +102,29 @@ def test_mallows_theta_trains_logs_checkpoints_and_exports(
     assert tokenizer.pad_token_id is not None
     saved = json.loads((result.run_path / "data_summary.json").read_text())
     assert saved["total"] == 48
+
+
+def _check_generation_eval(run_path: Path, final_dir: Path, metrics: list[dict]) -> None:
+    """Generation evals at steps 2 and 4 on the first 5 held-out prompts; the last one's greedy
+    completions (sampled by both workers from their shares, under ZeRO-3 from sharded weights)
+    equal one process generating from the exported policy."""
+    evals = {m["step"]: m for m in metrics if "eval/gen/mean_tokens" in m}
+    assert sorted(evals) == [2, 4]
+    assert all(m["eval/gen/completions"] == 5 for m in evals.values())
+    lines = [json.loads(line) for line in (run_path / "generations.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2] * 5 + [4] * 5
+    held_out = read_split(split_directory(run_path / "prepared", "eval")).take_all()
+    prompt_ids = {str(row["id"]): [int(t) for t in row["prompt_ids"]] for row in held_out}
+    last = lines[5:]
+    assert [line["id"] for line in last] == sorted(prompt_ids)[:5]
+    assert evals[4]["eval/gen/mean_tokens"] == pytest.approx(sum(r["tokens"] for r in last) / 5)
+    model, tokenizer = load_policy(str(final_dir), "fp32")
+    prompts = [GenerationPrompt(r["id"], prompt_ids[r["id"]]) for r in last]
+    greedy = SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=8, n=1, seed=0)
+    _, expected = run_generation_eval(
+        model, tokenizer, prompts, greedy, rank=0, world_size=1, batch_size=1, synced_gpus=False
+    )
+    assert [r["completion"] for r in last] == [r["completion"] for r in expected]
 
 
 def test_precomputed_and_online_reference_give_the_same_first_step(ray_session, tmp_path: Path):

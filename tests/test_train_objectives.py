@@ -8,23 +8,17 @@ losses.preference_loss); tests/test_train_e2e.py covers the distributed wiring.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
+from hh_pairs import hh_columns
 
-from raypo.config import DataConfig, LossConfig
+from raypo.config import LossConfig
 from raypo.data.collate import collate_pairs
-from raypo.data.formats import split_hh
-from raypo.data.records import PreferencePair
-from raypo.data.tokenize import tokenize_pairs
 from raypo.forward import preference_batch, reference_columns, sequence_stats
 from raypo.losses import OBJECTIVES, StrengthDistribution, preference_loss
 from raypo.models import load_policy
 
-HH_GZ = Path(__file__).parent / "data" / "hh_harmless_1800.jsonl.gz"
 DISPERSION_SCALE = 50.0
 """The untrained tiny reference is near-uniform (Hn ~ 0.999), so w = -c ln Hn is ~3e-4 at the
 default c = 0.29 and the Mallows losses would barely move in 8 steps; c = 50 gives w ~ 0.05."""
@@ -33,15 +27,7 @@ default c = 0.29 and the Mallows losses would barely move in 8 steps; c = 50 giv
 @pytest.fixture(scope="module")
 def fixed_batch(raypo_cache: str) -> dict[str, torch.Tensor]:
     model, tokenizer = load_policy("tiny")
-    lines = gzip.decompress(HH_GZ.read_bytes()).decode().splitlines()[:8]
-    pairs = []
-    for row, line in enumerate(lines, start=1):
-        record = json.loads(line)
-        prompt, chosen, rejected = split_hh(record["chosen"], record["rejected"])
-        pairs.append(PreferencePair(f"hh:{row}", prompt, chosen, rejected, None, "hh", row))
-    data = DataConfig(max_length=96, max_prompt_length=64)
-    rows = [pair.to_row() for pair in tokenize_pairs(pairs, tokenizer, data)]
-    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    columns = hh_columns(tokenizer)
     batch = collate_pairs(columns, tokenizer.pad_token_id)
     batch |= reference_columns(model, batch)
     return batch

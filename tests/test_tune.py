@@ -8,12 +8,14 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from ray import tune
+from ray.util import placement_group_table
 
 from raypo.config import ConfigError, load_config
 from raypo.train.metrics import read_metrics
@@ -113,6 +115,20 @@ def test_best_trial_prefers_trials_that_trained_to_the_end() -> None:
 
 
 @pytest.mark.slow
+def _reserved_placement_groups() -> set[str]:
+    return {pg for pg, info in placement_group_table().items() if info["state"] == "CREATED"}
+
+
+def _assert_released(before: set[str], timeout_s: float = 60.0) -> None:
+    """Every placement group the sweep's trials reserved is removed, also those of a trial ASHA
+    stopped (Ray Train's cleaner removes them once it sees the trial's controller is gone);
+    a leaked one would hold its CPUs and stall the next trial on a small machine."""
+    deadline = time.monotonic() + timeout_s
+    while (left := _reserved_placement_groups() - before) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert not left, f"placement groups still reserved after the sweep: {left}"
+
+
 def test_asha_sweep_of_two_trials_shares_preparation(ray_session, tmp_path: Path) -> None:
     space = {"loss.beta": "loguniform(0.05, 1.0)", "loss.dispersion_scale": "uniform(0.1, 1.0)"}
     config = load_config(
@@ -121,9 +137,11 @@ def test_asha_sweep_of_two_trials_shares_preparation(ray_session, tmp_path: Path
             {"search_space": space, "scheduler": "asha", "num_samples": 2, "grace_period": 1},
         )
     )
+    before = _reserved_placement_groups()
     result = run_sweep(config)
     sweep = tmp_path / "sweep"
     assert len(result.rows) == 2 and result.failed == 0
+    _assert_released(before)
     assert {row.status for row in result.rows} <= {"completed", "stopped early"}
     assert result.best is not None and result.best.status == "completed"
     for row in result.rows:

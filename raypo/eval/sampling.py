@@ -177,6 +177,62 @@ def finish_completion(token_ids: list[int], eos_token_id: int | None) -> list[in
     return token_ids
 
 
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    settings: SamplingSettings,
+    first_index: int,
+    synced_gpus: bool = False,
+) -> list[Generation]:
+    """``settings.n`` completions of each prompt with transformers ``generate``, seeded with
+    ``settings.seed + first_index``; ``first_index`` numbers the prompts. ``synced_gpus`` keeps
+    every rank of a ZeRO-3 model stepping until all ranks are done (each must call this the same
+    number of times)."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in prompts)
+    # Left padding keeps every prompt's last token in the last column, where generation starts.
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    sampling: dict[str, Any] = {"do_sample": False}
+    if settings.temperature > 0:
+        # top_k 0 turns off generate's default top-k of 50, which vLLM does not apply.
+        sampling = {"do_sample": True, "temperature": settings.temperature}
+        sampling |= {"top_p": settings.top_p, "top_k": 0}
+    generation_config = GenerationConfig(
+        max_new_tokens=settings.max_tokens,
+        num_return_sequences=settings.n,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        **sampling,
+    )
+    # The caller's random state is left as it was: sampling must not change what training draws.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed + first_index)
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=generation_config,
+            synced_gpus=synced_gpus,
+        )
+    new_tokens = output[:, width:].cpu().tolist()
+    generations = []
+    for row, ids in enumerate(new_tokens):
+        kept = finish_completion(ids, eos)
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        index, sample = divmod(row, settings.n)
+        generations.append(Generation(first_index + index, sample, text, kept))
+    return generations
+
+
 class HFSampler:
     """Ray actor: a transformers causal LM sampling with ``generate``."""
 
@@ -199,51 +255,10 @@ class HFSampler:
         results: list[Generation] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
-            results += self._generate_batch(batch, settings, first_index + start)
-        return results
-
-    @torch.no_grad()
-    def _generate_batch(
-        self, prompts: list[list[int]], settings: SamplingSettings, first_index: int
-    ) -> list[Generation]:
-        from transformers import GenerationConfig
-
-        pad = self.tokenizer.pad_token_id
-        eos = self.tokenizer.eos_token_id
-        width = max(len(ids) for ids in prompts)
-        # Left padding keeps every prompt's last token in the last column, where generation starts.
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        sampling: dict[str, Any] = {"do_sample": False}
-        if settings.temperature > 0:
-            # top_k 0 turns off generate's default top-k of 50, which vLLM does not apply.
-            sampling = {"do_sample": True, "temperature": settings.temperature}
-            sampling |= {"top_p": settings.top_p, "top_k": 0}
-        generation_config = GenerationConfig(
-            max_new_tokens=settings.max_tokens,
-            num_return_sequences=settings.n,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            **sampling,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed + first_index)
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                generation_config=generation_config,
+            results += generate_batch(
+                self.model, self.tokenizer, batch, settings, first_index + start
             )
-        new_tokens = output[:, width:].cpu().tolist()
-        generations = []
-        for row, ids in enumerate(new_tokens):
-            kept = finish_completion(ids, eos)
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            index, sample = divmod(row, settings.n)
-            generations.append(Generation(first_index + index, sample, text, kept))
-        return generations
+        return results
 
 
 def _actor_options(backend: str, config: EvalConfig) -> dict[str, Any]:

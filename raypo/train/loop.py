@@ -4,7 +4,9 @@ Read top to bottom: build the DeepSpeed engine around the policy, restore from t
 checkpoint if there is one, then for each micro-batch run one concatenated chosen+rejected forward
 (:mod:`raypo.forward`), take the reference log-probs and entropies from the precomputed columns or
 an online reference, compute the objective (:mod:`raypo.losses`) and step. Metrics go to Ray Train
-every ``logging_steps``; checkpoints every ``save_steps``; held-out metrics every ``eval_steps``.
+every ``logging_steps``; checkpoints every ``save_steps``; held-out metrics every ``eval_steps``,
+with a small generation eval (:mod:`raypo.train.generation_eval`) when
+``eval.during_training_num_prompts`` is set.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from raypo.config import RaypoConfig
 from raypo.data.collate import collate_pairs
+from raypo.eval.sampling import SamplingSettings
 from raypo.forward import preference_batch, reference_columns, sequence_stats
 from raypo.losses import StrengthDistribution, objective, preference_loss
 from raypo.models import load_policy
@@ -32,6 +35,7 @@ from raypo.train.batches import MicroBatch, lockstep_batches, until_accumulation
 from raypo.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from raypo.train.deepspeed_config import deepspeed_config, reference_deepspeed_config
 from raypo.train.export import export_policy, export_strength
+from raypo.train.generation_eval import GenerationPrompt, append_generations, run_generation_eval
 from raypo.train.schedule import build_scheduler, data_progress
 
 _NO_DECAY = ("bias", "norm", "embed")
@@ -73,11 +77,13 @@ class _Worker:
     reference: Any
     strength: StrengthDistribution | None
     strength_optimizer: torch.optim.Optimizer | None
-    pad_token_id: int
+    tokenizer: Any
     device: torch.device
     rank: int
     world_size: int
     has_eval: bool
+    generation_prompts: list[GenerationPrompt]
+    generations_path: str | None
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -144,11 +150,13 @@ def _build_worker(config: RaypoConfig, payload: dict[str, Any]) -> _Worker:
         reference=reference,
         strength=strength,
         strength_optimizer=strength_optimizer,
-        pad_token_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
         device=engine.device,
         rank=rank,
         world_size=world_size,
         has_eval=payload["has_eval"],
+        generation_prompts=payload.get("generation_prompts", []),
+        generations_path=payload.get("generations_path"),
     )
 
 
@@ -171,7 +179,7 @@ def _reference_values(worker: _Worker, tensors: dict[str, Tensor]) -> dict[str, 
 def _pair_loss(worker: _Worker, micro: MicroBatch, train: bool) -> tuple[Tensor, dict, int]:
     """Loss, metrics and token count of one micro-batch (policy forward with grad if ``train``)."""
     config = worker.config
-    collated = collate_pairs(micro.rows, worker.pad_token_id)
+    collated = collate_pairs(micro.rows, worker.tokenizer.pad_token_id)
     tensors = {name: value.to(worker.device) for name, value in collated.items()}
     with torch.set_grad_enabled(train):
         stats = sequence_stats(
@@ -214,10 +222,15 @@ def _global_sum(count: int) -> int:
     return int(total.item())
 
 
-def evaluate(worker: _Worker) -> dict[str, float]:
-    """Held-out metrics over the whole ``eval`` shard of every worker, as ``eval/<name>``."""
+def evaluate(worker: _Worker, step: int) -> dict[str, float]:
+    """Held-out metrics over the whole ``eval`` shard of every worker, as ``eval/<name>``, and
+    the generation eval's ``eval/gen/*`` when it has prompts."""
     if not worker.has_eval:
         return {}
+    return _pair_eval(worker) | _generation_eval(worker, step)
+
+
+def _pair_eval(worker: _Worker) -> dict[str, float]:
     shard = ray.train.get_dataset_shard("eval")
     sums = _Sums()
     batches = shard.iter_batches(
@@ -231,6 +244,25 @@ def evaluate(worker: _Worker) -> dict[str, float]:
     worker.engine.module.train()
     means, pairs, _ = sums.reduce()
     return {f"eval/{name}": value for name, value in means.items()} | {"eval/pairs": pairs}
+
+
+def _generation_eval(worker: _Worker, step: int) -> dict[str, float]:
+    if not worker.generation_prompts:
+        return {}
+    config = worker.config
+    metrics, records = run_generation_eval(
+        worker.engine.module,
+        worker.tokenizer,
+        worker.generation_prompts,
+        SamplingSettings.from_config(config.eval),
+        rank=worker.rank,
+        world_size=worker.world_size,
+        batch_size=config.eval.batch_size,
+        synced_gpus=config.trainer.zero_stage == 3,
+    )
+    if worker.rank == 0 and worker.generations_path is not None:
+        append_generations(Path(worker.generations_path), step, records)
+    return metrics
 
 
 def _report(metrics: dict[str, float], state: TrainState) -> None:
@@ -300,7 +332,7 @@ def _after_step(worker: _Worker, payload: dict, state: TrainState, progress: _Pr
     if state.step % trainer.logging_steps == 0:
         metrics_out = progress.flush(worker)
     if trainer.eval_steps and state.step % trainer.eval_steps == 0:
-        metrics_out |= evaluate(worker)
+        metrics_out |= evaluate(worker, state.step)
     if trainer.save_steps and state.step % trainer.save_steps == 0:
         _checkpoint(worker, metrics_out, state)
     elif metrics_out:
@@ -350,7 +382,7 @@ def _finish(worker: _Worker, state: TrainState, progress: _Progress) -> None:
     """Last metrics, held-out evaluation and checkpoint of the run."""
     metrics_out = progress.flush(worker)
     if worker.config.trainer.eval_steps:
-        metrics_out |= evaluate(worker)
+        metrics_out |= evaluate(worker, state.step)
     _checkpoint(worker, metrics_out, state)
 
 

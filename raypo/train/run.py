@@ -26,12 +26,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, save_config
+from raypo.config_base import ConfigError
 from raypo.data.pipeline import PreparedData, prepare_pairs, read_split
 from raypo.data.reference import run_reference_pass
 from raypo.data.validate import DataQualityError
 from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import init_ray
 from raypo.train.batches import pad_for_equal_split
+from raypo.train.generation_eval import GENERATIONS_FILE, select_prompts
 from raypo.train.loop import train_worker
 from raypo.train.metrics import MetricsLogger
 from raypo.train.schedule import total_training_steps
@@ -126,6 +128,25 @@ def _refuse_accidental_resume(config: RaypoConfig, resume: bool) -> None:
         )
 
 
+def _generation_eval_inputs(config: RaypoConfig, eval_path: Path, eval_pairs: int) -> dict:
+    """The payload entries of the during-training generation eval: its prompts and the file
+    rank 0 appends the completions to (nothing when it is off)."""
+    num_prompts = config.eval.during_training_num_prompts
+    if not num_prompts:
+        return {}
+    if not eval_pairs:
+        problem = (
+            "the run has no held-out pairs to take prompts from; set data.eval_fraction > 0 or "
+            "data.eval_split"
+        )
+        raise ConfigError("eval.during_training_num_prompts", num_prompts, problem)
+    rows = read_split(eval_path).select_columns(["id", "prompt_ids"]).take_all()
+    return {
+        "generation_prompts": select_prompts(rows, num_prompts),
+        "generations_path": str(config.run_path / GENERATIONS_FILE),
+    }
+
+
 def train(
     config: RaypoConfig,
     resume: bool = False,
@@ -163,6 +184,7 @@ def train(
         datasets["eval"] = pad_for_equal_split(eval_split, counts["eval"], world_size)
     final_dir = config.run_path / "final"
     payload = {
+        **_generation_eval_inputs(config, split_path("eval"), counts["eval"]),
         "config": config,
         "total_steps": total_steps,
         "total_pairs": math.ceil(counts["train"] * trainer_config.num_epochs),
