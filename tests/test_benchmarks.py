@@ -19,8 +19,11 @@ import common  # noqa: E402
 import mallows_bandit  # noqa: E402
 import mixdpo_recovery  # noqa: E402
 import summarize  # noqa: E402
+import tune_overhead  # noqa: E402
 
+from raypo.config import load_config  # noqa: E402
 from raypo.losses import mallows_phi_link  # noqa: E402
+from raypo.tune_results import TrialRow, write_tables  # noqa: E402
 
 
 def _exact_mallows(phi: float, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,3 +153,18 @@ def test_summarize_renders_results_into_readme(tmp_path: Path) -> None:
     assert summarize.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
     readme.write_text("no markers\n")
     assert summarize.main(["--readme", str(readme), "--results", str(results)]) == 2
+
+
+def test_tune_overhead_reads_the_trials_and_searched_keys_of_a_sweep(tmp_path: Path) -> None:
+    space = {"loss.beta": "loguniform(0.02, 1.0)", "loss.dispersion_scale": "uniform(0.05, 1)"}
+    overrides = [f"--run_dir={tmp_path}", f"--tune.search_space={json.dumps(space)}"]
+    config = load_config(None, overrides)
+    params = {"loss.beta": 0.0123456789, "loss.dispersion_scale": 0.5}
+    write_tables(config, [TrialRow("a_00001", "completed", 0.625, params, 24, "")])
+    trials, keys = tune_overhead._trials(tmp_path)
+    assert keys == list(space)
+    assert tune_overhead._overrides(trials[0], keys) == [
+        "--loss.beta=0.0123456789",
+        "--loss.dispersion_scale=0.5",
+    ]
+    assert float(trials[0][tune_overhead.METRIC]) == 0.625 and trials[0]["trial"] == "a_00001"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -26,7 +27,6 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, save_config
-from raypo.config_base import ConfigError
 from raypo.data.pipeline import PreparedData, prepare_pairs, read_split
 from raypo.data.reference import run_reference_pass
 from raypo.data.validate import DataQualityError
@@ -38,6 +38,8 @@ from raypo.train.loop import train_worker
 from raypo.train.metrics import MetricsLogger
 from raypo.train.schedule import total_training_steps
 from raypo.train.tiny_fit import fit_reference
+
+logger = logging.getLogger(__name__)
 
 FAULT_ENV = "RAYPO_FAULT_AT_STEP"
 """Fault injection for recovery tests: the last worker dies once at this optimizer step."""
@@ -130,16 +132,18 @@ def _refuse_accidental_resume(config: RaypoConfig, resume: bool) -> None:
 
 def _generation_eval_inputs(config: RaypoConfig, eval_path: Path, eval_pairs: int) -> dict:
     """The payload entries of the during-training generation eval: its prompts and the file
-    rank 0 appends the completions to (nothing when it is off)."""
+    rank 0 appends the completions to (nothing when it is off, or, like every held-out
+    evaluation, when the run has no held-out pairs)."""
     num_prompts = config.eval.during_training_num_prompts
     if not num_prompts:
         return {}
     if not eval_pairs:
-        problem = (
-            "the run has no held-out pairs to take prompts from; set data.eval_fraction > 0 or "
-            "data.eval_split"
+        logger.warning(
+            "eval.during_training_num_prompts is %d but the run has no held-out pairs: no "
+            "generation eval (set data.eval_fraction > 0 or data.eval_split)",
+            num_prompts,
         )
-        raise ConfigError("eval.during_training_num_prompts", num_prompts, problem)
+        return {}
     rows = read_split(eval_path).select_columns(["id", "prompt_ids"]).take_all()
     return {
         "generation_prompts": select_prompts(rows, num_prompts),
