@@ -141,6 +141,11 @@ def test_builtin_sample_is_first_400_hh_rows() -> None:
     full = list(iter_pairs(DataConfig(path=str(HH_FILE), max_rows=400)))
     assert len(builtin) == len(full) == 400
     assert [(r.row, _outcome(r)[1:]) for r in builtin] == [(r.row, _outcome(r)[1:]) for r in full]
+    # Named by what the config says, not by where the package is installed: the ids, and with
+    # them the hash-assigned held-out split, are the same on every machine.
+    assert {r.source for r in builtin} == {"builtin:hh_sample"}
+    pair_ids = [r.id for r in builtin if hasattr(r, "id")]
+    assert pair_ids[0] == "builtin:hh_sample:1" and len(pair_ids) > 390
 
 
 def test_split_hh_falls_back_to_earlier_turn() -> None:

@@ -232,9 +232,10 @@ def _builtin_source(cfg: DataConfig) -> Source:
         problem = f"builtin data is JSONL; use data.format auto or jsonl, not {cfg.format}"
         raise ConfigError("data.format", cfg.format, problem)
     try:
-        return Source("jsonl", str(builtin_data_path(cfg.path.removeprefix(_BUILTIN))))
+        path = builtin_data_path(cfg.path.removeprefix(_BUILTIN))
     except ValueError as error:
         raise ConfigError("data.path", cfg.path, str(error)) from None
+    return Source("jsonl", str(path), name=cfg.path)
 
 
 def _hf_sources(cfg: DataConfig) -> list[Source]:

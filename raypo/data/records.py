@@ -53,6 +53,7 @@ class Source:
     Shard ``shard_index`` of ``num_shards`` holds rows ``[i n / k, (i + 1) n / k)`` of the ``n``
     rows (Parquet: row groups); row numbers stay those of the whole file or split, so ids do not
     depend on the sharding. ``split``: the split read (``hf``, ``hf_disk`` dataset dicts).
+    ``name``: what :attr:`label` calls the source instead of its path (packaged data).
     """
 
     kind: Literal["jsonl", "parquet", "hf_disk", "hf"]
@@ -60,12 +61,18 @@ class Source:
     shard_index: int = 0
     num_shards: int = 1
     split: str | None = None
+    name: str | None = None
 
     @property
     def label(self) -> str:
         """The data this source reads, as rejects, summaries and default ids name it:
-        ``data/train.jsonl``, ``hf:Anthropic/hh-rlhf[train]``; independent of sharding."""
-        name = f"hf:{self.path}" if self.kind == "hf" else self.path
+        ``data/train.jsonl``, ``hf:Anthropic/hh-rlhf[train]``, ``builtin:hh_sample`` (``name``
+        when set, so that ids and the held-out split do not depend on where the package is
+        installed); independent of sharding."""
+        if self.name is not None:
+            name = self.name
+        else:
+            name = f"hf:{self.path}" if self.kind == "hf" else self.path
         return f"{name}[{self.split}]" if self.split is not None else name
 
     @property
