@@ -176,7 +176,15 @@ class DataConfig(Section):
     """Stop before training when more than this fraction of the rows read is rejected (malformed,
     empty, identical chosen and rejected, prompt over budget)."""
     shuffle: bool = True
-    """Shuffle the training pairs every epoch, deterministically from the run's ``seed``."""
+    """Shuffle the training pairs, deterministically from the run's ``seed`` and the pair ids;
+    every epoch goes through them in that order. false = the order the prepared files hold them
+    in (the read order, except after a precomputed reference pass, whose actors write in the
+    order they finish)."""
+    preserve_order: bool = True
+    """Keep Ray Data's row order through preparation, the reference pass and the split over the
+    workers, so that a run is a function of its config and seed: the same pairs reach the same
+    rank at the same step. false lets blocks flow in completion order (less waiting on slow
+    tasks on a large cluster) and gives up that reproducibility."""
     num_cpus_per_op: float = bounded(0.25, "> 0")
     """CPUs Ray Data reserves per read/tokenise task; fractional so that data and training
     workers share a small machine."""

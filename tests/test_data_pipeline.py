@@ -18,6 +18,7 @@ from raypo.config import load_config
 from raypo.data.pipeline import eval_assignment, read_split
 from raypo.data.prepare import prepare
 from raypo.data.validate import DataQualityError
+from raypo.train.run import ingest_config
 
 HH_GZ = Path(__file__).parent / "data" / "hh_harmless_1800.jsonl.gz"
 
@@ -85,35 +86,70 @@ def test_prepared_rows_keep_ids_and_split_by_hash(hh_run) -> None:
     assert row["prompt_length"] + max(row["chosen_length"], row["rejected_length"]) <= 128
 
 
-def test_two_workers_receive_disjoint_equal_shares(hh_run, tmp_path: Path) -> None:
+def _rank_sequences(datasets: dict, tmp_path: Path) -> dict[str, list[list[str]]]:
+    """Per dataset, the pair ids each of 2 Ray Train workers receives, in order, through
+    raypo's ingest (one run for all datasets)."""
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     def loop(config: dict) -> None:
-        shard = ray.train.get_dataset_shard("train")
-        ids = [
-            str(pair_id)
-            for batch in shard.iter_batches(batch_size=16, batch_format="numpy")
-            for pair_id in batch["id"]
-        ]
         rank = ray.train.get_context().get_world_rank()
-        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(ids))
+        for name in config["names"]:
+            shard = ray.train.get_dataset_shard(name)
+            ids = [
+                str(pair_id)
+                for batch in shard.iter_batches(batch_size=16, batch_format="numpy")
+                for pair_id in batch["id"]
+            ]
+            Path(config["out"], f"{name}-rank{rank}.json").write_text(json.dumps(ids))
 
-    dataset = read_split(hh_run.data.split_path("train"), shuffle_seed=7)
+    names = list(datasets)
     TorchTrainer(
         loop,
-        train_loop_config={"out": str(tmp_path)},
+        train_loop_config={"out": str(tmp_path), "names": names},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": dataset},
+        datasets=datasets,
+        dataset_config=ingest_config(names, preserve_order=True),
         run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shares"),
     ).fit()
-    shares = [set(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    return {
+        name: [json.loads((tmp_path / f"{name}-rank{rank}.json").read_text()) for rank in (0, 1)]
+        for name in names
+    }
+
+
+def test_workers_get_the_same_equal_shares_whatever_order_the_files_hold(
+    hh_run, tmp_path: Path
+) -> None:
+    """The seeded shuffle and the split over the workers depend on the seed and the pair ids
+    only: the prepared split and a copy written in reverse order, in 3 files (as an actor-pool
+    reference pass may leave it), reach each rank as the same pairs in the same order."""
+    import pyarrow.parquet as pq
+
+    source = hh_run.data.split_path("train")
+    table = pq.read_table(source, partitioning=None)
+    reordered = tmp_path / "reordered"
+    reordered.mkdir()
+    backwards = table.take(list(reversed(range(table.num_rows))))
+    third = math.ceil(table.num_rows / 3)
+    for index in range(3):
+        pq.write_table(backwards.slice(index * third, third), reordered / f"part-{index}.parquet")
+    datasets = {
+        "prepared": read_split(source, shuffle_seed=7),
+        "reordered": read_split(reordered, shuffle_seed=7),
+    }
+    sequences = _rank_sequences(datasets, tmp_path)
+    first = sequences["prepared"]
+    assert sequences["reordered"] == first
+    shares = [set(ids) for ids in first]
     total = hh_run.data.split_counts["train"]
     assert not shares[0] & shares[1]
-    assert len(shares[0]) == len(shares[1])
+    assert len(first[0]) == len(first[1]) == len(shares[0])
     # streaming_split(equal=True) may hold back fewer rows than there are workers.
     assert total - 1 <= len(shares[0] | shares[1]) <= total
+    stored = [str(i) for i in table.column("id").to_pylist()]
+    assert first[0] != stored[: len(first[0])]  # shuffled, not the file order
 
 
 def _direct_reference(model, row: dict, completion: str) -> tuple[float, float]:

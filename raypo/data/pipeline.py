@@ -8,7 +8,9 @@ is written as Parquet partitioned by that tag in one pass. The driver then strea
 partition into ``rejects.jsonl`` and counts the rest.
 
 ``train_dataset`` reads a prepared (or reference-annotated) split back for Ray Train, shuffled
-deterministically by seed; Ray Train's ``streaming_split`` gives each worker an equal share.
+deterministically by seed; Ray Train's ``streaming_split`` gives each worker an equal share. With
+``data.preserve_order`` every stage keeps row order (:func:`apply_row_order`), so a run's pairs,
+held-out split and per-rank batches are the same on every run with the same seed.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 
@@ -41,6 +45,10 @@ SPLITS = ("train", "eval", "rejected")
 TOKENIZE_BATCH = 256
 """Pairs tokenised per call; batching amortises the tokenizer's per-call overhead."""
 REJECT_COLUMNS = ("reason", "detail", "raw")
+SHUFFLE_KEY = "__raypo_shuffle_key__"
+"""Temporary column :func:`read_split` sorts a shuffled split by."""
+SHUFFLE_BLOCK_ROWS = 4096
+"""About this many rows per block of a shuffled split (at least 2 blocks)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,17 @@ def _count_accepted(prepared: Path, summary: DataSummary) -> dict[str, int]:
     return counts
 
 
+def apply_row_order(data: DataConfig) -> None:
+    """Have the Ray Data executions this process starts from now on keep row order when
+    ``data.preserve_order`` (a dataset copies the current context when it is created).
+
+    Without it a multi-source read comes out in the order its tasks finish (and ``max_rows``
+    keeps whichever rows came first), and Ray Train's split over the workers follows block
+    completion order (:func:`raypo.train.run.ingest_config`).
+    """
+    ray.data.DataContext.get_current().execution_options.preserve_order = data.preserve_order
+
+
 def prepare_pairs(config: RaypoConfig) -> PreparedData:
     """Read, validate and tokenise ``config.data`` into ``RUN_DIR/prepared``.
 
@@ -224,6 +243,7 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
     if prepared.exists():
         shutil.rmtree(prepared)
     tokenizer_path = resolve_model_path(config.model.tokenizer_path)
+    apply_row_order(data)
     items = _source_items(data)
     rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
         _process_source,
@@ -231,7 +251,8 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
         num_cpus=data.num_cpus_per_op,
     )
     if data.max_rows is not None:
-        # The first max_rows rows to come out; with several sources which ones is not fixed.
+        # The first max_rows rows in source order (with data.preserve_order; else the first
+        # to come out).
         rows = rows.limit(data.max_rows)
     rows.write_parquet(str(prepared), partition_cols=[SPLIT_COLUMN])
 
@@ -248,14 +269,43 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
     return result
 
 
+def shuffle_keys(pair_ids: Iterable[str], seed: int) -> np.ndarray:
+    """Each pair's place in the seeded shuffle: a hash of (seed, id) in [0, 1), salted apart from
+    :func:`eval_assignment`'s so the order says nothing about the held-out draw."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}:shuffle:{pair_id}".encode()).digest()[:8], "big")
+            / 2**64
+            for pair_id in pair_ids
+        ],
+        dtype=np.float64,
+    )
+
+
+def _with_shuffle_key(table: pa.Table, seed: int) -> pa.Table:
+    keys = shuffle_keys(map(str, table.column("id").to_pylist()), seed)
+    return table.append_column(SHUFFLE_KEY, pa.array(keys))
+
+
 def read_split(directory: Path, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
     """A prepared or reference-annotated split as a Ray dataset, without the partition column.
 
-    With ``shuffle_seed`` the rows are shuffled across the cluster deterministically by that seed.
+    With ``shuffle_seed`` the rows come sorted by :func:`shuffle_keys` (a distributed sort, like
+    a global shuffle), cut into blocks at fixed key boundaries: rows and block sizes are then a
+    function of the seed and the set of pair ids alone. ``random_shuffle(seed)`` is not: its
+    permutation depends on the order the rows were written in, and Ray Data's actor-pool
+    reference pass writes them in a different order from run to run even with ``preserve_order``.
     """
     dataset = ray.data.read_parquet(str(directory), partitioning=None)
     present = set(dataset.columns())
     dataset = dataset.drop_columns([c for c in (SPLIT_COLUMN, *REJECT_COLUMNS) if c in present])
-    if shuffle_seed is not None:
-        dataset = dataset.random_shuffle(seed=shuffle_seed)
-    return dataset
+    if shuffle_seed is None:
+        return dataset
+    blocks = max(2, math.ceil(dataset.count() / SHUFFLE_BLOCK_ROWS))
+    return (
+        dataset.map_batches(
+            _with_shuffle_key, fn_kwargs={"seed": shuffle_seed}, batch_format="pyarrow"
+        )
+        .sort(SHUFFLE_KEY, boundaries=[index / blocks for index in range(1, blocks)])
+        .drop_columns([SHUFFLE_KEY])
+    )

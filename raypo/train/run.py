@@ -27,7 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, save_config
-from raypo.data.pipeline import PreparedData, prepare_pairs, read_split
+from raypo.data.pipeline import PreparedData, apply_row_order, prepare_pairs, read_split
 from raypo.data.reference import run_reference_pass
 from raypo.data.validate import DataQualityError
 from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
@@ -130,6 +130,22 @@ def _refuse_accidental_resume(config: RaypoConfig, resume: bool) -> None:
         )
 
 
+def ingest_config(dataset_names: list[str], preserve_order: bool) -> ray.train.DataConfig:
+    """Ray Train's split of ``dataset_names`` over the workers; the same on every run when
+    ``preserve_order``.
+
+    ``streaming_split`` hands each block to whichever worker has received the fewest rows. With
+    Ray Data's default execution blocks arrive in completion order and locality hints move them
+    between workers, so two runs with the same seed trained different pairs on each rank at each
+    step (held-out accuracy 0.49 vs 0.59 after 10 quickstart steps). Preserving the order (which
+    also turns the locality hints off) makes the assignment a function of the shuffled row order
+    alone, which the seed fixes.
+    """
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = preserve_order
+    return ray.train.DataConfig(datasets_to_split=dataset_names, execution_options=options)
+
+
 def _generation_eval_inputs(config: RaypoConfig, eval_path: Path, eval_pairs: int) -> dict:
     """The payload entries of the during-training generation eval: its prompts and the file
     rank 0 appends the completions to (nothing when it is off, or, like every held-out
@@ -181,7 +197,10 @@ def train(
     )
     world_size = trainer_config.num_workers
     counts = prepared.split_counts
-    train_split = read_split(split_path("train"), shuffle_seed=config.seed)
+    apply_row_order(config.data)
+    train_split = read_split(
+        split_path("train"), shuffle_seed=config.seed if config.data.shuffle else None
+    )
     datasets = {"train": pad_for_equal_split(train_split, counts["train"], world_size)}
     if counts["eval"]:
         eval_split = read_split(split_path("eval"))
@@ -212,7 +231,7 @@ def train(
             resources_per_worker=resources,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+        dataset_config=ingest_config(list(datasets), config.data.preserve_order),
         run_config=RunConfig(
             name=config.name,
             storage_path=_storage(config),
