@@ -3,9 +3,9 @@
 Ray Train's ``streaming_split`` hands blocks to workers as they come; with ``data.preserve_order``
 each worker gets the same rows on every run, otherwise after a restart the rows a worker sees are
 not the ones it saw before (and with a changed number of workers they never are). It also splits
-with ``equal=True``, which drops up to ``world_size - 1`` rows per epoch; :func:`pad_for_equal_split`
-tops the split up with marked padding rows instead, which every worker drops again
-(:func:`drop_consumed`), so no pair is lost.
+with ``equal=True``, which drops up to ``world_size - 1`` rows per epoch;
+:func:`pad_for_equal_split` tops the split up with marked padding rows instead, which every worker
+drops again (:func:`drop_consumed`), so no pair is lost.
 
 Exactly-once training is kept by pair id: a checkpoint records every id consumed in the current
 epoch (by all workers), and on restart each worker drops those ids from whatever it receives. The
