@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
+import ray.util
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -201,9 +202,11 @@ def train(
     train_split = read_split(
         split_path("train"), shuffle_seed=config.seed if config.data.shuffle else None
     )
-    if config.data.shuffle:
+    if config.data.shuffle and ray.util.get_current_placement_group() is None:
         # Every epoch takes the same order: sorted once here (blocks in the object store, spilled
         # to disk when it is full) instead of again at each epoch while the workers wait for it.
+        # Not inside a Tune trial: its placement group has no CPU bundle for the sort's tasks, so
+        # there Ray Train's split coordinator sorts at each epoch, outside the group.
         train_split = train_split.materialize()
     datasets = {"train": pad_for_equal_split(train_split, counts["train"], world_size)}
     if counts["eval"]:
