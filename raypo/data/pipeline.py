@@ -76,11 +76,15 @@ def split_directory(prepared: Path, split: str) -> Path:
     return prepared / f"{SPLIT_COLUMN}={split}"
 
 
+def _unit_hash(text: str) -> float:
+    """The first 8 bytes of ``text``'s sha256 as a number in [0, 1)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
 def eval_assignment(pair_id: str, seed: int, eval_fraction: float) -> bool:
     """Whether a pair belongs to the held-out split: a hash of (seed, id), stable across runs,
     machines and the order rows arrive in."""
-    digest = hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+    return _unit_hash(f"{seed}:{pair_id}") < eval_fraction
 
 
 @functools.lru_cache(maxsize=4)
@@ -272,14 +276,7 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
 def shuffle_keys(pair_ids: Iterable[str], seed: int) -> np.ndarray:
     """Each pair's place in the seeded shuffle: a hash of (seed, id) in [0, 1), salted apart from
     :func:`eval_assignment`'s so the order says nothing about the held-out draw."""
-    return np.array(
-        [
-            int.from_bytes(hashlib.sha256(f"{seed}:shuffle:{pair_id}".encode()).digest()[:8], "big")
-            / 2**64
-            for pair_id in pair_ids
-        ],
-        dtype=np.float64,
-    )
+    return np.array([_unit_hash(f"{seed}:shuffle:{pair_id}") for pair_id in pair_ids])
 
 
 def _with_shuffle_key(table: pa.Table, seed: int) -> pa.Table:
