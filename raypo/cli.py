@@ -34,7 +34,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "raypo.data.prepare:main",
     "train": "raypo.train.run:main",
     "eval": "raypo.eval.run:main",
-    "tune": "raypo.tune:main",
+    "tune": "raypo.tune.run:main",
     "report": "raypo.eval.report:main",
 }
 """Subcommand -> ``module:function`` implementing it, called as ``function(config, args)``."""

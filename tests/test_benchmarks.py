@@ -23,7 +23,7 @@ import tune_overhead  # noqa: E402
 
 from raypo.config import load_config  # noqa: E402
 from raypo.losses import mallows_phi_link  # noqa: E402
-from raypo.tune_results import TrialRow, write_tables  # noqa: E402
+from raypo.tune.results import TrialRow, write_tables  # noqa: E402
 
 
 def _exact_mallows(phi: float, k: int) -> tuple[np.ndarray, np.ndarray]:

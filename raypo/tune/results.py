@@ -24,7 +24,7 @@ from ray.tune import ResultGrid
 
 from raypo.config import RaypoConfig, save_config
 from raypo.config_base import parse_search_expression
-from raypo.tune_space import TRIAL_DONE, TRIALS, apply_params
+from raypo.tune.space import TRIAL_DONE, TRIALS, apply_params
 
 TABLE_CSV = "trials.csv"
 TABLE_MD = "trials.md"

@@ -10,7 +10,7 @@ evaluation. The trial only drives its Train workers, which reserve their own res
 
 The sweep directory ``RUN_DIR`` holds ``config.yaml`` (what ``--resume`` reads), ``tune/`` (Tune's
 experiment), ``trials/``, the shared ``prepared/``, ``tiny-fit/`` and ``reference/``, and the
-results written by :mod:`raypo.tune_results`. ``raypo tune --resume RUN_DIR`` restores the
+results written by :mod:`raypo.tune.results`. ``raypo tune --resume RUN_DIR`` restores the
 experiment: finished trials are kept, unfinished and failed ones continue from their last Train
 checkpoint.
 """
@@ -39,8 +39,8 @@ from raypo.data.validate import DataQualityError
 from raypo.models import TINY_NAME
 from raypo.ray_runtime import init_ray
 from raypo.train.run import fit_tiny, train
-from raypo.tune_results import SweepResult, write_results
-from raypo.tune_space import TRIAL_DONE, TRIALS, apply_params, search_domains
+from raypo.tune.results import SweepResult, write_results
+from raypo.tune.space import TRIAL_DONE, TRIALS, apply_params, search_domains
 
 EXPERIMENT = "tune"
 """Tune's experiment directory inside the sweep directory."""
