@@ -18,8 +18,8 @@ from ray import tune
 from raypo.config import ConfigError, load_config
 from raypo.train.metrics import read_metrics
 from raypo.train.run import FAULT_ENV
-from raypo.tune.run import run_sweep
 from raypo.tune.results import TrialRow, best_trial
+from raypo.tune.run import run_sweep
 from raypo.tune.space import TRIALS, apply_params, search_domains
 
 TINY_SWEEP = {
