@@ -1,7 +1,7 @@
 """Held-out implicit-reward accuracy of DPO, MallowsPO-theta/phi and MixDPO on the 1,800 HH pairs.
 
 The embedded tiny Llama is first fitted to the chosen dialogues of the training split
-(:func:`raypo.train.tiny_fit.fit_reference`, as ``model.tiny_fit_steps`` does); the fitted model
+(:func:`raypo.data.tiny_fit.fit_reference`, as ``model.tiny_fit_steps`` does); the fitted model
 is both the reference and every policy's starting point. The reference columns (log-probs and
 entropies) are computed once over all pairs. Each objective then trains for ``--epochs`` epochs
 over the training split with raypo's per-worker step (collate, one chosen+rejected forward through
@@ -117,7 +117,7 @@ def add_reference_columns(model: Any, rows: list[dict], pad_token_id: int, size:
 def fit_tiny(work: Path, settings: Settings, limit: int | None) -> tuple[Path, list, list]:
     """The tiny model fitted to the training split's chosen dialogues, and the two splits."""
     from raypo.models import load_tokenizer, resolve_model_path
-    from raypo.train.tiny_fit import fit_reference
+    from raypo.data.tiny_fit import fit_reference
 
     source = resolve_model_path("tiny", cache_dir=work / "cache")
     tokenizer = load_tokenizer(source)

@@ -1,7 +1,7 @@
 """MallowsPO's synthetic bandit: DPO vs MallowsPO-theta/-phi when dispersion varies by prompt.
 
-Set-up (after Chen et al., ICLR 2025, synthetic bandit experiment; designed from METHODS.md since
-the paper's exact protocol is not stored here):
+Set-up (after Chen et al., ICLR 2025, synthetic bandit experiment; designed from docs/methods.md
+since the paper's exact protocol is not stored here):
 
 - ``M`` prompts, each with ``K`` arms; arm ``a`` has consensus rank ``a`` (0 = best) and reward
   ``r(x, a) = 1 - a/(K-1)`` (reported x100: 100 = always the consensus-best arm). The arm order is
@@ -397,7 +397,7 @@ def _findings(results: dict[str, list[dict]], args: argparse.Namespace) -> list[
     )
     lines.append(
         f"Size: the largest mean gain over DPO at equal KL is {best:+.2f} reward points (of 100) "
-        "here; METHODS.md reports about 7-8 points on consensus agreement for an independent "
+        "here; docs/methods.md reports about 7-8 points on consensus agreement for an independent "
         "bandit (20 prompts x 10 arms, phi 0.2 vs 0.9)"
         + (": the size is not reproduced." if best < 3 else ": the size is comparable.")
     )

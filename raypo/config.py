@@ -29,14 +29,12 @@ from raypo.config_base import (
     build,
     check_search_entry,
     describe_fields,
+    formats_with,
     index_fields,
-    origin_of,
-    parse_overrides,
-    read_yaml,
-    record_origins,
-    set_override,
+    load_tree,
     unknown_choice,
 )
+from raypo.objectives import OBJECTIVES, reference_free_objectives
 
 __all__ = [
     "COMMAND_LINE",
@@ -205,7 +203,7 @@ class LossConfig(Section):
     SECTION: ClassVar[str] = "loss"
 
     type: str = "dpo"
-    """Objective: a name in the registry :data:`raypo.losses.OBJECTIVES` (``raypo objectives``):
+    """Objective: a name in the registry :data:`raypo.objectives.OBJECTIVES` (``raypo objectives``):
     dpo, ipo, hinge, simpo, mallows_theta, mallows_theta_ipo, mallows_theta_simpo, mallows_phi,
     mixdpo."""
     beta: float = bounded(0.1, "> 0")
@@ -239,8 +237,6 @@ class LossConfig(Section):
     no weight decay)."""
 
     def _validate(self) -> None:
-        from raypo.losses import OBJECTIVES
-
         names = list(OBJECTIVES)
         self._require(self.type in names, "type", "expected " + unknown_choice(self.type, names))
         self._require(
@@ -511,8 +507,10 @@ class RaypoConfig(Section):
     def _validate(self) -> None:
         named = re.fullmatch(r"[A-Za-z0-9._-]+", self.name) is not None
         self._require(named, "name", "use only letters, digits, '.', '_' and '-'")
-        self._require(_formats(self.run_dir, name=""), "run_dir", "the only placeholder is {name}")
-        if not _formats(self.reference.cache_dir, name="", run_dir=""):
+        self._require(
+            formats_with(self.run_dir, name=""), "run_dir", "the only placeholder is {name}"
+        )
+        if not formats_with(self.reference.cache_dir, name="", run_dir=""):
             problem = "the only placeholders are {run_dir} and {name}"
             raise ConfigError("reference.cache_dir", self.reference.cache_dir, problem)
         self._check_reference()
@@ -523,17 +521,15 @@ class RaypoConfig(Section):
             raise ConfigError("eval.during_training_num_prompts", num_prompts, problem)
 
     def _check_reference(self) -> None:
-        from raypo.losses import OBJECTIVES
-
         spec = OBJECTIVES[self.loss.type]
-        if self.reference.mode != "none" or not (spec.uses_reference or spec.uses_dispersion):
+        if self.reference.mode != "none" or not spec.needs_reference_model:
             return
         why = (
             "its dispersion weight w(x) comes from the reference model's token entropy"
             if spec.uses_dispersion
             else "its margin h is a log-ratio against the reference model"
         )
-        free = [n for n, o in OBJECTIVES.items() if not (o.uses_reference or o.uses_dispersion)]
+        free = reference_free_objectives()
         raise ConfigError(
             "reference.mode",
             "none",
@@ -558,21 +554,6 @@ SECTIONS: dict[str, type[Section]] = {
     if spec.default_factory is not dataclasses.MISSING
 }
 """Section name -> its dataclass, in declaration order."""
-
-
-def _formats(template: str, **names: str) -> bool:
-    """Whether ``template.format(**names)`` succeeds, i.e. it uses only those placeholders."""
-    try:
-        template.format(**names)
-    except (KeyError, IndexError, ValueError):
-        return False
-    return True
-
-
-def _parents(key: str) -> list[str]:
-    """``a.b.c`` -> ``["a", "a.b"]``."""
-    parts = key.split(".")
-    return [".".join(parts[:n]) for n in range(1, len(parts))]
 
 
 def field_index() -> dict[str, Any]:
@@ -617,17 +598,4 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for lists and mappings). Every problem raises :class:`ConfigError` naming the key, the value
     and its source (the file, ``command line`` or ``defaults``).
     """
-    raw: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    if path is not None:
-        raw = read_yaml(Path(path))
-        record_origins(raw, "", str(path), origins)
-    for key, value in parse_overrides(overrides):
-        set_override(raw, key, value, field_index())
-        origins[key] = COMMAND_LINE
-        for parent in _parents(key):
-            origins.setdefault(parent, COMMAND_LINE)
-    try:
-        return config_from_dict(raw)
-    except ConfigError as error:
-        raise error.with_source(origin_of(origins, error.key)) from None
+    return load_tree(RaypoConfig, path, overrides)

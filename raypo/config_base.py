@@ -467,3 +467,37 @@ def check_search_entry(key: str, expression: str, root: type, grid: bool, where:
         raise ConfigError(where, expression, str(error)) from None
     if grid and name != "choice":
         raise ConfigError(where, expression, "a grid search takes only choice([...])")
+
+
+def formats_with(template: str, **names: str) -> bool:
+    """Whether ``template.format(**names)`` succeeds, i.e. it uses only those placeholders."""
+    try:
+        template.format(**names)
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
+def _parents(key: str) -> list[str]:
+    """``a.b.c`` -> ``["a", "a.b"]``."""
+    parts = key.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts))]
+
+
+def load_tree(root: type, path: str | Path | None, overrides: Sequence[str]) -> Any:
+    """``root``'s defaults, then the YAML file at ``path`` (optional), then ``overrides``; built
+    and validated, a :class:`ConfigError` naming the source of the value it is about."""
+    raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+        record_origins(raw, "", str(path), origins)
+    for key, value in parse_overrides(overrides):
+        set_override(raw, key, value, index_fields(root))
+        origins[key] = COMMAND_LINE
+        for parent in _parents(key):
+            origins.setdefault(parent, COMMAND_LINE)
+    try:
+        return build(root, raw)
+    except ConfigError as error:
+        raise error.with_source(origin_of(origins, error.key)) from None

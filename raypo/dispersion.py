@@ -2,7 +2,7 @@
 
 MallowsPO (Chen, Zhao, Lam, Yao, Tang, "MallowsPO: Fine-Tune Your LLM with Preference
 Dispersions", ICLR 2025) gives every prompt ``x`` a dispersion ``phi(x)`` estimated from the
-*reference* model's next-token entropy over the two completions (METHODS.md, "Dispersion
+*reference* model's next-token entropy over the two completions (docs/methods.md, "Dispersion
 estimate"):
 
 - per completion ``y``:  ``Hn(y) = sum_t H_t m_t / (sum_t m_t * ln V)``, ``H_t`` the entropy in

@@ -13,8 +13,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from raypo.dispersion import SequenceStats, dispersion_weight, sequence_logps_and_entropy
-from raypo.losses import PreferenceBatch
+from raypo.dispersion import SequenceStats, sequence_logps_and_entropy
+
+REFERENCE_PREFIX = "ref_"
+"""The reference columns of the preference data (:func:`reference_columns`: ``ref_chosen_logps``,
+``ref_rejected_logps``, ``ref_hn_chosen``, ``ref_hn_rejected``) are named with this prefix."""
 
 
 def lm_head(model: nn.Module) -> nn.Linear:
@@ -97,27 +100,3 @@ def reference_columns(
         hn_chosen, hn_rejected = split_pairs(stats.hn.float())
         columns |= {"ref_hn_chosen": hn_chosen, "ref_hn_rejected": hn_rejected}
     return columns
-
-
-def preference_batch(
-    policy: SequenceStats, reference: Mapping[str, Tensor], dispersion_scale: float | None
-) -> PreferenceBatch:
-    """What :func:`raypo.losses.preference_loss` needs, from the policy's per-sequence stats and the
-    reference columns (``ref_*``; empty for reference-free objectives). With a
-    ``dispersion_scale`` the weight ``w(x)`` is computed from the reference's ``Hn``."""
-    chosen, rejected = split_pairs(policy.logps)
-    chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
-    dispersion = None
-    if dispersion_scale is not None:
-        dispersion = dispersion_weight(
-            reference["ref_hn_chosen"], reference["ref_hn_rejected"], dispersion_scale
-        )
-    return PreferenceBatch(
-        policy_chosen_logps=chosen,
-        policy_rejected_logps=rejected,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        reference_chosen_logps=reference.get("ref_chosen_logps"),
-        reference_rejected_logps=reference.get("ref_rejected_logps"),
-        dispersion=dispersion,
-    )

@@ -1,13 +1,14 @@
 """Preference objectives as pure functions of tensors (no model, no Ray).
 
 Every function returns the per-pair loss, shape ``[B]``. ``h`` is the unscaled log-ratio margin of
-METHODS.md, ``h = (logp_w - ref_w) - (logp_l - ref_l)``; ``w`` is the MallowsPO dispersion weight
-``w(x) = -c ln Hn(x)`` of :mod:`raypo.dispersion`. Inputs may be bf16/fp16/fp32/fp64; the arithmetic
-runs in at least float32 (float64 for the Mallows-phi link) and the result has the input's dtype
-when that is float32 or wider, float32 otherwise.
+docs/methods.md, ``h = (logp_w - ref_w) - (logp_l - ref_l)``; ``w`` is the MallowsPO dispersion
+weight ``w(x) = -c ln Hn(x)`` of :mod:`raypo.dispersion`. Inputs may be bf16/fp16/fp32/fp64; the
+arithmetic runs in at least float32 (float64 for the Mallows-phi link) and the result has the
+input's dtype when that is float32 or wider, float32 otherwise.
 
-``OBJECTIVES`` is the one registry of objectives: the config's choices, the CLI listing and the
-error for an unknown name all come from it, and :func:`preference_loss` dispatches through it.
+The objectives' names and what each needs are registered in :data:`raypo.objectives.OBJECTIVES`
+(torch-free, so validating a config imports no torch); ``LOSS_FUNCTIONS`` maps each name to its
+per-pair function here, and :func:`preference_loss` dispatches through it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raypo.mixdpo import StrengthDistribution, mixdpo_loss
+from raypo.objectives import Objective, objective
 
 if TYPE_CHECKING:
     from raypo.config import LossConfig
 
 __all__ = [
-    "OBJECTIVES",
-    "Objective",
+    "LOSS_FUNCTIONS",
     "PreferenceBatch",
     "StrengthDistribution",
     "dpo_loss",
@@ -38,6 +39,7 @@ __all__ = [
     "mallows_phi_loss",
     "mallows_theta_ipo_loss",
     "mallows_theta_loss",
+    "mallows_theta_simpo_loss",
     "mixdpo_loss",
     "preference_loss",
     "simpo_loss",
@@ -117,26 +119,18 @@ def length_normalised_margin(
     ) / rejected_lengths.to(dtype)
 
 
-def simpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    beta: float,
-    gamma: float = 0.0,
-) -> Tensor:
-    """SimPO (Meng et al. 2024, eq. 6): ``-log sigma(beta h - gamma)`` with h length-normalised.
+def simpo_loss(h: Tensor, beta: float, gamma: float = 0.0) -> Tensor:
+    """SimPO (Meng et al. 2024, eq. 6): ``-log sigma(beta h - gamma)``.
 
     Args:
-        chosen_logps, rejected_logps: summed completion log-probs of the policy ``[B]``.
-        chosen_lengths, rejected_lengths: completion token counts ``[B]``.
+        h: SimPO's length-normalised margin ``[B]`` (:func:`length_normalised_margin`).
         beta: reward scale, > 0.
         gamma: target reward margin, >= 0.
     Returns:
         per-pair loss ``[B]``.
     """
-    h = length_normalised_margin(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
-    return (-F.logsigmoid(beta * h - gamma)).to(_result_dtype(chosen_logps))
+    scaled = beta * h.to(_compute_dtype(h)) - gamma
+    return (-F.logsigmoid(scaled)).to(_result_dtype(h))
 
 
 def mallows_theta_loss(h: Tensor, w: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
@@ -169,6 +163,26 @@ def mallows_theta_ipo_loss(h: Tensor, w: Tensor, beta: float) -> Tensor:
     """
     scaled = h.to(_compute_dtype(h)) * w.detach().to(_compute_dtype(h))
     return ipo_loss(scaled, beta).to(_result_dtype(h))
+
+
+def mallows_theta_simpo_loss(h: Tensor, w: Tensor, beta: float, gamma: float = 0.0) -> Tensor:
+    """MallowsPO-theta with SimPO's margin: ``-log sigma(w (beta h - gamma))``.
+
+    The dispersion weight scales SimPO's argument as it scales DPO's in MallowsPO-theta (Chen et
+    al., ICLR 2025, eq. 9, with SimPO's reference-free margin of Meng et al. 2024, eq. 6; the
+    combination is raypo's, not either paper's). With ``w == 1`` this is :func:`simpo_loss`.
+
+    Args:
+        h: SimPO's length-normalised margin ``[B]`` (:func:`length_normalised_margin`).
+        w: dispersion weight ``[B]`` (no gradient).
+        beta: reward scale, > 0.
+        gamma: target reward margin, >= 0.
+    Returns:
+        per-pair loss ``[B]``.
+    """
+    dtype = _compute_dtype(h)
+    scaled = w.detach().to(dtype) * (beta * h.to(dtype) - gamma)
+    return (-F.logsigmoid(scaled)).to(_result_dtype(h))
 
 
 def _log_q(t: Tensor, u: Tensor) -> Tensor:
@@ -216,7 +230,8 @@ def mallows_phi_link(s: Tensor, w: Tensor) -> Tensor:
     that the item at central rank i beats the one at rank i+k under a Mallows-phi model; it is
     extended to real ``s >= 0`` by the same formula, and to ``s < 0`` by ``g(s) = 1 - g(-s)``.
     With ``u = w = -ln phi`` and ``q(s) = s/expm1(s u)``: ``g(s) = 1 + q(s+1) - q(s)`` for s >= 0.
-    ``g(0) = g(0+) = 1/(1-phi) + 1/ln(phi)``, which is above 1/2: the link jumps at 0 (METHODS.md).
+    ``g(0) = g(0+) = 1/(1-phi) + 1/ln(phi)``, which is above 1/2: the link jumps at 0
+    (docs/methods.md, "MallowsPO-phi").
 
     Args:
         s: scaled margin ``beta h`` ``[B]``.
@@ -268,30 +283,11 @@ class PreferenceBatch:
     """MallowsPO dispersion weight w(x) (no gradient)."""
 
 
-ObjectiveFn = Callable[
+PerPairLoss = Callable[
     [Tensor, "Tensor | None", "LossConfig", "StrengthDistribution | None"], Tensor
 ]
-
-
-@dataclass(frozen=True)
-class Objective:
-    """One registered objective: how to turn a margin into a per-pair loss, and what it needs."""
-
-    summary: str
-    """One line for the CLI and the README."""
-    per_pair: ObjectiveFn
-    """``(h, w, loss_config, strength) -> loss [B]``; h already has the target margin removed."""
-    uses_reference: bool
-    """h is the policy/reference log-ratio margin; otherwise SimPO's length-normalised margin."""
-    uses_dispersion: bool
-    """Needs the reference model's dispersion weight w(x)."""
-    learns_strength: bool = False
-    """Trains a MixDPO strength distribution alongside the policy."""
-
-
-def _simpo_family(h: Tensor, w: Tensor | None, cfg: LossConfig) -> Tensor:
-    scaled = cfg.beta * h - cfg.gamma
-    return -F.logsigmoid(scaled if w is None else w.detach().to(scaled.dtype) * scaled)
+"""``(h, w, loss_config, strength) -> loss [B]``; h already has the target margin removed (the
+SimPO-type objectives subtract gamma themselves)."""
 
 
 def _require_strength(strength: StrengthDistribution | None) -> StrengthDistribution:
@@ -300,70 +296,18 @@ def _require_strength(strength: StrengthDistribution | None) -> StrengthDistribu
     return strength
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "dpo": Objective(
-        "DPO: -log sigma(beta h), with cDPO label smoothing",
-        lambda h, w, cfg, _: dpo_loss(h, cfg.beta, cfg.label_smoothing),
-        uses_reference=True,
-        uses_dispersion=False,
-    ),
-    "ipo": Objective(
-        "IPO: (h - 1/(2 beta))^2",
-        lambda h, w, cfg, _: ipo_loss(h, cfg.beta),
-        uses_reference=True,
-        uses_dispersion=False,
-    ),
-    "hinge": Objective(
-        "SLiC hinge: relu(1 - beta h)",
-        lambda h, w, cfg, _: hinge_loss(h, cfg.beta),
-        uses_reference=True,
-        uses_dispersion=False,
-    ),
-    "simpo": Objective(
-        "SimPO: reference-free, length-normalised margin, -log sigma(beta h - gamma)",
-        lambda h, w, cfg, _: _simpo_family(h, None, cfg),
-        uses_reference=False,
-        uses_dispersion=False,
-    ),
-    "mallows_theta": Objective(
-        "MallowsPO-theta: DPO with the margin scaled by the dispersion w(x)",
-        lambda h, w, cfg, _: mallows_theta_loss(h, w, cfg.beta, cfg.label_smoothing),
-        uses_reference=True,
-        uses_dispersion=True,
-    ),
-    "mallows_theta_ipo": Objective(
-        "MallowsPO-theta + IPO: (w(x) h - 1/(2 beta))^2",
-        lambda h, w, cfg, _: mallows_theta_ipo_loss(h, w, cfg.beta),
-        uses_reference=True,
-        uses_dispersion=True,
-    ),
-    "mallows_theta_simpo": Objective(
-        "MallowsPO-theta + SimPO: -log sigma(w(x) (beta h - gamma)), h length-normalised",
-        lambda h, w, cfg, _: _simpo_family(h, w, cfg),
-        uses_reference=False,
-        uses_dispersion=True,
-    ),
-    "mallows_phi": Objective(
-        "MallowsPO-phi: -log g_phi(x)(beta h), the Mallows-phi (Kendall) link",
-        lambda h, w, cfg, _: mallows_phi_loss(h, w, cfg.beta),
-        uses_reference=True,
-        uses_dispersion=True,
-    ),
-    "mixdpo": Objective(
-        "MixDPO: -log E_beta~D[sigma(beta h)], D a learned lognormal/gamma strength distribution",
-        lambda h, w, cfg, strength: _require_strength(strength)(h),
-        uses_reference=True,
-        uses_dispersion=False,
-        learns_strength=True,
-    ),
+LOSS_FUNCTIONS: dict[str, PerPairLoss] = {
+    "dpo": lambda h, w, cfg, _: dpo_loss(h, cfg.beta, cfg.label_smoothing),
+    "ipo": lambda h, w, cfg, _: ipo_loss(h, cfg.beta),
+    "hinge": lambda h, w, cfg, _: hinge_loss(h, cfg.beta),
+    "simpo": lambda h, w, cfg, _: simpo_loss(h, cfg.beta, cfg.gamma),
+    "mallows_theta": lambda h, w, cfg, _: mallows_theta_loss(h, w, cfg.beta, cfg.label_smoothing),
+    "mallows_theta_ipo": lambda h, w, cfg, _: mallows_theta_ipo_loss(h, w, cfg.beta),
+    "mallows_theta_simpo": lambda h, w, cfg, _: mallows_theta_simpo_loss(h, w, cfg.beta, cfg.gamma),
+    "mallows_phi": lambda h, w, cfg, _: mallows_phi_loss(h, w, cfg.beta),
+    "mixdpo": lambda h, w, cfg, strength: _require_strength(strength)(h),
 }
-
-
-def objective(name: str) -> Objective:
-    """The registered objective called ``name``; a ValueError lists the valid names otherwise."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown loss.type {name!r}; choose one of: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+"""The per-pair function of every objective of :data:`raypo.objectives.OBJECTIVES`, by name."""
 
 
 def _margin(batch: PreferenceBatch, spec: Objective, name: str) -> Tensor:
@@ -417,7 +361,7 @@ def preference_loss(
     h = _margin(batch, spec, config.type)
     if spec.uses_reference and config.gamma:
         h = h - config.gamma / config.beta
-    per_pair = spec.per_pair(h, batch.dispersion, config, strength)
+    per_pair = LOSS_FUNCTIONS[config.type](h, batch.dispersion, config, strength)
     loss = per_pair.mean()
 
     reward_chosen, reward_rejected = _rewards(batch, spec, config.beta)

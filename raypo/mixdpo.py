@@ -14,8 +14,8 @@ zero variance of ``D_theta``. Families (parameters ``(a, b)`` in :func:`mixdpo_l
   For ``t > 0``, ``E[sigma(-beta t)] = sum_{n>=1} (-1)^(n-1) (1 + n b t)^(-a)`` (expand the
   logistic in ``exp(-n beta t)`` and use the Laplace transform ``E[exp(-s beta)] = (1+b s)^(-a)``).
 
-Stable construction (METHODS.md): the tail ``Q = E[sigma(-beta |h|)] <= 1/2`` is computed in log
-space by every estimator, then ``log P = log Q`` for ``h < 0`` and ``log P = log(1 - Q)`` (via
+Stable construction (docs/methods.md): the tail ``Q = E[sigma(-beta |h|)] <= 1/2`` is computed in
+log space by every estimator, then ``log P = log Q`` for ``h < 0`` and ``log P = log(1 - Q)`` (via
 ``log1p(-exp(log Q))``) for ``h >= 0``. ``|h|`` is formed with ``torch.where(h >= 0, h, -h)``, not
 ``abs``, so that the gradient at ``h = 0`` is ``-E[beta]/2`` (``abs`` has derivative 0 there).
 
@@ -23,7 +23,7 @@ Estimators of ``Q`` (accuracy: relative error of the loss for ``h`` in [-50, 50]
 
 - ``"quadrature"``: lognormal uses Gauss-Hermite in ``z``: 64 nodes suffice for ``sigma <= 0.5``;
   at ``sigma = 1.5`` the error grows with ``E[beta]`` (64 nodes: 5e-7 at E[beta] = 0.1, 8e-6 at
-  10; 96 nodes: 7e-9 and 2e-7; METHODS.md: 96 for 1e-6, 32 give 3e-4). Gamma uses generalized
+  10; 96 nodes: 7e-9 and 2e-7; docs/methods.md: 96 for 1e-6, 32 give 3e-4). Gamma uses generalized
   Gauss-Laguerre with ``alpha = shape - 1``, which is poor for shape < 2 and for large
   ``E[beta] |h|``: the integrand's kink at ``beta ~ 1/|h|`` falls between the few nodes near 0
   (shape 0.5: 1.8e-3 at 256 nodes for E[beta] = 1, 2e-5 at 64 nodes for E[beta] = 0.1). Laguerre
@@ -34,7 +34,7 @@ Estimators of ``Q`` (accuracy: relative error of the loss for ``h`` in [-50, 50]
   Zagier (Experimental Math. 9, 2000), Algorithm 1; the terms are moments of a positive measure on
   [0, 1], so the error falls like 5.83^-n: 2e-6 at 8 terms, 3e-9 at 12, 1e-14 at 20-24.
 - ``"mc"``: K reparameterised samples, ``Q ~ mean_k sigma(-beta_k |h|)``. It is biased: the loss
-  is overestimated on misranked pairs (at h = -10, K = 16: +0.3 nats in METHODS.md, +0.11 for a
+  is overestimated on misranked pairs (at h = -10, K = 16: +0.3 nats in docs/methods.md, +0.11 for a
   lognormal with E[beta] = 1, CV 1.5 in tests/test_mixdpo.py) and its optimum has a
   smaller spread (learned CV 1.5 -> 0.90 at K = 16; K = 8 collapses to DPO). Offered, warned
   about, never a default. Gamma samples come from ``torch._standard_gamma``, which takes a
@@ -170,7 +170,7 @@ def _lognormal_mc(
     t: Tensor, mu: Tensor, sigma: Tensor, n: int, generator: torch.Generator | None
 ) -> Tensor:
     _warn_once(
-        "MixDPO Monte Carlo estimator is biased (METHODS.md): it overestimates the loss on "
+        "MixDPO Monte Carlo estimator is biased (docs/methods.md): it overestimates the loss on "
         "misranked pairs and shrinks the learned spread; prefer estimator='quadrature'."
     )
     z = torch.randn(t.shape + (n,), generator=generator, dtype=t.dtype, device=t.device)
@@ -198,7 +198,7 @@ def _gamma_mc(
     t: Tensor, shape: Tensor, scale: Tensor, n: int, generator: torch.Generator | None
 ) -> Tensor:
     _warn_once(
-        "MixDPO Monte Carlo estimator is biased (METHODS.md): it overestimates the loss on "
+        "MixDPO Monte Carlo estimator is biased (docs/methods.md): it overestimates the loss on "
         "misranked pairs and shrinks the learned spread; prefer estimator='series'."
     )
     draws = torch._standard_gamma(shape.expand(t.shape + (n,)), generator=generator)

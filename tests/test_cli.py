@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from raypo import cli
-from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, load_config, save_config
+from raypo.config import RaypoConfig, load_config, save_config
+from raypo.run_layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -169,7 +170,7 @@ def test_train_resume_reads_the_run_directory_config(
     tmp_path: Path, recorded: list[tuple[RaypoConfig, object]]
 ) -> None:
     saved = load_config(QUICKSTART, ["--name", "resumed"])
-    save_config(saved, tmp_path / RESOLVED_CONFIG_NAME)
+    save_config(saved, RunLayout(tmp_path).config)
     assert cli.main(["train", "--resume", str(tmp_path)]) == 0
     assert recorded[0][0] == saved
 
@@ -186,7 +187,7 @@ def test_eval_policy_and_baseline_flags_are_config_overrides(
 def test_eval_of_a_run_directory_reads_its_saved_config(
     tmp_path: Path, recorded: list[tuple[RaypoConfig, object]], form: str
 ) -> None:
-    save_config(load_config(QUICKSTART, ["--seed", "11"]), tmp_path / RESOLVED_CONFIG_NAME)
+    save_config(load_config(QUICKSTART, ["--seed", "11"]), RunLayout(tmp_path).config)
     flags = ["--run_dir", str(tmp_path)] if form == "separate" else [f"--run_dir={tmp_path}"]
     assert cli.main(["eval", *flags, "--eval.num_prompts", "3"]) == 0
     config = recorded[0][0]
@@ -197,7 +198,7 @@ def test_eval_of_a_run_directory_reads_its_saved_config(
 def test_report_reads_the_config_saved_in_the_run_directory(
     tmp_path: Path, recorded: list[tuple[RaypoConfig, object]]
 ) -> None:
-    save_config(load_config(None, ["--seed", "11"]), tmp_path / RESOLVED_CONFIG_NAME)
+    save_config(load_config(None, ["--seed", "11"]), RunLayout(tmp_path).config)
     assert cli.main(["report", str(tmp_path)]) == 0
     assert recorded[0][0].seed == 11
 
@@ -224,7 +225,7 @@ def test_a_command_whose_module_is_missing_exits_2_naming_it(
 
 
 def test_objectives_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
-    from raypo.losses import OBJECTIVES
+    from raypo.objectives import OBJECTIVES
 
     assert cli.main(["objectives"]) == 0
     lines = capsys.readouterr().out.splitlines()

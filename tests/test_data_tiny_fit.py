@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from raypo.data import tiny_fit
+from raypo.data.tiny_fit import FIT_REPORT, fit_reference, language_model_loss, read_fit_report
 from raypo.models import builtin_data_path, load_policy, resolve_model_path
-from raypo.train import tiny_fit
-from raypo.train.tiny_fit import FIT_REPORT, fit_reference, language_model_loss, read_fit_report
 
 MAX_LENGTH = 64
 

@@ -1,6 +1,6 @@
 """Tests for raypo.dispersion against independent float64 numpy computations.
 
-References: MallowsPO (Chen et al., ICLR 2025) and METHODS.md "Dispersion estimate".
+References: MallowsPO (Chen et al., ICLR 2025) and docs/methods.md, "Dispersion estimate".
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _np_log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _np_hn(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Float64 Hn(y) = sum_t H_t m_t / (sum_t m_t ln V) from the full softmax (METHODS.md)."""
+    """Float64 Hn(y) = sum_t H_t m_t / (sum_t m_t ln V) from the full softmax (docs/methods.md)."""
     logp = _np_log_softmax(logits)
     entropy = -(np.exp(logp) * logp).sum(axis=-1)
     selected = mask != 0

@@ -1,4 +1,4 @@
-"""Checks of raypo.losses against independent computations (METHODS.md, "Independent checks").
+"""Checks of raypo.losses against independent computations (docs/methods.md, "Independent checks").
 
 References are float64 numpy formulas or mpmath at 50 digits evaluating the papers' formulas
 directly (not the stable rewrites the code uses), and brute-force permutation enumeration.
@@ -17,18 +17,21 @@ import torch
 
 from raypo import losses
 from raypo.losses import (
-    OBJECTIVES,
+    LOSS_FUNCTIONS,
     PreferenceBatch,
     dpo_loss,
     hinge_loss,
     ipo_loss,
+    length_normalised_margin,
     mallows_phi_link,
     mallows_phi_loss,
     mallows_theta_ipo_loss,
     mallows_theta_loss,
+    mallows_theta_simpo_loss,
     preference_loss,
     simpo_loss,
 )
+from raypo.objectives import OBJECTIVES
 
 mpmath.mp.dps = 50
 
@@ -86,10 +89,21 @@ def test_ipo_hinge_simpo_hand_computed() -> None:
     one = torch.tensor([1.0], dtype=torch.float64)
     assert ipo_loss(one, 0.25).item() == pytest.approx(1.0, abs=1e-12)
     assert hinge_loss(one, 0.5).item() == pytest.approx(0.5, abs=1e-12)
-    got = simpo_loss(
-        torch.tensor([-6.0]), torch.tensor([-8.0]), torch.tensor([3]), torch.tensor([2]), 2.0, 1.0
+    h = length_normalised_margin(
+        torch.tensor([-6.0]), torch.tensor([-8.0]), torch.tensor([3]), torch.tensor([2])
     )
+    got = simpo_loss(h, 2.0, 1.0)
     assert got.item() == pytest.approx(0.048587, abs=1e-6)
+
+
+def test_mallows_theta_simpo_hand_computed() -> None:
+    """The SimPO pair above (h = 2, beta 2, gamma 1: beta h - gamma = 3) with w = 0.5:
+    -log sigma(0.5 * 3) = ln(1 + e^-1.5) = 0.201413; with w = 1 it is SimPO's 0.048587."""
+    h = torch.tensor([2.0, 2.0], dtype=torch.float64)
+    got = mallows_theta_simpo_loss(h, torch.tensor([0.5, 1.0], dtype=torch.float64), 2.0, 1.0)
+    torch.testing.assert_close(
+        got, torch.tensor([0.201413, 0.048587], dtype=torch.float64), atol=1e-6, rtol=0
+    )
 
 
 def test_mallows_phi_hand_computed() -> None:
@@ -134,7 +148,8 @@ def test_simpo_matches_numpy() -> None:
     nw, nl = rng.integers(1, 100, 32), rng.integers(1, 100, 32)
     beta, gamma = 2.0, 0.5
     lw_t, ll_t = _torch(lw), _torch(ll)
-    out = simpo_loss(lw_t, ll_t, torch.tensor(nw), torch.tensor(nl), beta, gamma)
+    h = length_normalised_margin(lw_t, ll_t, torch.tensor(nw), torch.tensor(nl))
+    out = simpo_loss(h, beta, gamma)
     out.sum().backward()
     z = beta * (lw / nw - ll / nl) - gamma
     np.testing.assert_allclose(out.detach().numpy(), -_np_log_sigmoid(z), rtol=1e-12)
@@ -162,6 +177,24 @@ def test_mallows_theta_ipo_matches_numpy() -> None:
     value, grad = _value_and_grad(lambda t: mallows_theta_ipo_loss(t, torch.tensor(w), beta), h)
     np.testing.assert_allclose(value, (w * h - 1 / (2 * beta)) ** 2, rtol=1e-12)
     np.testing.assert_allclose(grad, 2 * w * (w * h - 1 / (2 * beta)), rtol=1e-12)
+
+
+def test_mallows_theta_simpo_matches_numpy() -> None:
+    h = _margins()
+    w = _weights(len(h))
+    beta, gamma = 2.0, 0.5
+    weight = torch.tensor(w)
+    value, grad = _value_and_grad(lambda t: mallows_theta_simpo_loss(t, weight, beta, gamma), h)
+    z = w * (beta * h - gamma)
+    np.testing.assert_allclose(value, -_np_log_sigmoid(z), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grad, -beta * w * _np_sigmoid(-z), rtol=1e-12, atol=1e-14)
+
+
+def test_mallows_theta_simpo_with_unit_weight_is_simpo() -> None:
+    h = torch.tensor(_margins())
+    torch.testing.assert_close(
+        mallows_theta_simpo_loss(h, torch.ones_like(h), 1.5, 0.3), simpo_loss(h, 1.5, 0.3)
+    )
 
 
 def test_mallows_theta_with_unit_weight_is_dpo() -> None:
@@ -261,7 +294,7 @@ def test_phi_link_is_a_probability_increasing_on_each_side(w: float) -> None:
 
 @pytest.mark.parametrize(
     ("phi", "g0"),
-    # METHODS.md quotes g(0+) = 1/(1-phi) + 1/ln(phi) = 0.629, 0.557, 0.509 for these phi.
+    # docs/methods.md quotes g(0+) = 1/(1-phi) + 1/ln(phi) = 0.629, 0.557, 0.509 for these phi.
     [(0.2, 0.629), (0.5, 0.557), (0.9, 0.509)],
 )
 def test_phi_link_jumps_at_zero(phi: float, g0: float) -> None:
@@ -296,6 +329,7 @@ def _theta(h):
         lambda h: ipo_loss(h, 0.5),
         _theta,
         lambda h: mallows_theta_ipo_loss(h, torch.full_like(h, 0.4), 0.5),
+        lambda h: mallows_theta_simpo_loss(h, torch.full_like(h, 0.4), 1.5, 0.3),
         _phi,
     ],
 )
@@ -308,7 +342,11 @@ def test_simpo_gradcheck() -> None:
     lw = torch.tensor([-5.0, -12.0], dtype=torch.float64, requires_grad=True)
     ll = torch.tensor([-7.0, -3.0], dtype=torch.float64, requires_grad=True)
     lengths = (torch.tensor([4, 9]), torch.tensor([5, 2]))
-    assert torch.autograd.gradcheck(lambda a, b: simpo_loss(a, b, *lengths, 1.5, 0.3), (lw, ll))
+
+    def loss(a, b):
+        return simpo_loss(length_normalised_margin(a, b, *lengths), 1.5, 0.3)
+
+    assert torch.autograd.gradcheck(loss, (lw, ll))
 
 
 PER_PAIR_WITH_WEIGHT = {
@@ -317,6 +355,8 @@ PER_PAIR_WITH_WEIGHT = {
     "hinge": lambda h, w: hinge_loss(h, 1.0),
     "mallows_theta": lambda h, w: mallows_theta_loss(h, w, 1.0, 0.1),
     "mallows_theta_ipo": lambda h, w: mallows_theta_ipo_loss(h, w, 1.0),
+    "mallows_theta_simpo": lambda h, w: mallows_theta_simpo_loss(h, w, 1.0, 0.5),
+    "simpo": lambda h, w: simpo_loss(h, 1.0, 0.5),
     "mallows_phi": lambda h, w: mallows_phi_loss(h, w, 1.0),
 }
 
@@ -413,14 +453,13 @@ def test_simpo_entry_point_is_reference_free_with_length_normalised_rewards() ->
     batch = _batch()
     cfg = _LossConfig(type="simpo", beta=2.0, gamma=0.5)
     loss, metrics = preference_loss(cfg, batch)
-    expected = simpo_loss(
+    h = length_normalised_margin(
         batch.policy_chosen_logps,
         batch.policy_rejected_logps,
         batch.chosen_lengths,
         batch.rejected_lengths,
-        2.0,
-        0.5,
-    ).mean()
+    )
+    expected = simpo_loss(h, 2.0, 0.5).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     reward = 2.0 * batch.policy_chosen_logps.detach() / batch.chosen_lengths
     assert metrics["rewards/chosen"].item() == pytest.approx(reward.mean().item(), rel=1e-6)
@@ -479,6 +518,7 @@ def test_mixdpo_entry_point_reports_strength_moments() -> None:
 
 
 def test_registry_covers_every_objective_and_nothing_else() -> None:
+    assert set(LOSS_FUNCTIONS) == set(OBJECTIVES)
     assert set(OBJECTIVES) == {
         "dpo",
         "ipo",

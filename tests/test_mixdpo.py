@@ -107,7 +107,7 @@ PARITY_CASES = [
     ("gamma", gamma_ab(MEAN, 0.5), "series", 24, 1e-10),  # 3e-15
     ("gamma", gamma_ab(MEAN, 2.0), "series", 24, 1e-10),  # 5e-15
     ("gamma", gamma_ab(MEAN, 10.0), "series", 24, 1e-10),  # 4e-15
-    # Generalized Gauss-Laguerre is poor at small shape (METHODS.md): looser tolerances.
+    # Generalized Gauss-Laguerre is poor at small shape (docs/methods.md): looser tolerances.
     ("gamma", gamma_ab(MEAN, 0.5), "quadrature", 64, 1e-4),  # 1.9e-5
     ("gamma", gamma_ab(MEAN, 2.0), "quadrature", 64, 1e-8),  # 6.1e-10
     ("gamma", gamma_ab(MEAN, 10.0), "quadrature", 64, 1e-12),  # 3.8e-15
@@ -149,7 +149,7 @@ def test_mc_matches_quad_within_standard_errors(dist, ab):
     ],
 )
 def test_mc_overestimates_loss_on_misranked_pairs(dist, ab):
-    """METHODS.md: with K = 16 samples the MC loss is biased upwards at h = -10.
+    """docs/methods.md: with K = 16 samples the MC loss is biased upwards at h = -10.
 
     Both cases have E[beta] = 1 and CV 1.5. Measured bias over 4000 replicates (Jensen: it cannot
     be negative in expectation): +0.113 nats (lognormal, SE 0.008), +0.057 (gamma, SE 0.006).
@@ -357,7 +357,7 @@ def test_forward_is_mixdpo_loss_with_defaults():
     gamma = StrengthDistribution("gamma", mean=0.1, cv=0.5)
     assert (gamma.estimator, gamma.resolved_num_points()) == ("series", 24)
     torch.testing.assert_close(gamma(h), mixdpo_loss(h, "gamma", *gamma.params(), "series", 24))
-    # METHODS.md: enough Gauss-Hermite nodes for the current sigma (1e-6 needs 96 at 1.5).
+    # docs/methods.md: enough Gauss-Hermite nodes for the current sigma (1e-6 needs 96 at 1.5).
     wide = StrengthDistribution("lognormal", mean=0.1, cv=math.sqrt(math.expm1(1.5**2)))
     assert wide.resolved_num_points() == 96
     assert StrengthDistribution("lognormal", cv=0.3).resolved_num_points() == 64

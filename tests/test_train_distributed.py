@@ -1,5 +1,5 @@
-"""The worker code of raypo.train.loop (DeepSpeed engine from the config, online reference, the
-concatenated forward and the objective) on 2 real Ray Train workers:
+"""The worker code of raypo.train.loop (DeepSpeed engine from the config, online reference, and the
+public step raypo.step.preference_step) on 2 real Ray Train workers:
 
 - every objective lowers its loss on a fixed set of 8 HH pairs under ZeRO-2 and ZeRO-3;
 - the policy after one DeepSpeed step (2 workers x 4 pairs) gives the same log-probs as one plain
@@ -27,11 +27,13 @@ from ray.train.torch import TorchTrainer
 
 from raypo.config import RaypoConfig, load_config
 from raypo.data.collate import collate_pairs
-from raypo.forward import preference_batch, reference_columns, sequence_stats
-from raypo.losses import OBJECTIVES, preference_loss
+from raypo.forward import reference_columns, sequence_stats
 from raypo.models import load_policy, resolve_model_path
+from raypo.objectives import OBJECTIVES
+from raypo.step import preference_step
 from raypo.train.batches import MicroBatch
-from raypo.train.loop import _build_worker, _pair_loss, _param_groups, _sync_strength_gradients
+from raypo.train.loop import build_worker, micro_batch_step, param_groups, step_strength
+from raypo.train.worker_plan import WorkerPlan
 
 pytestmark = pytest.mark.slow
 
@@ -77,9 +79,9 @@ def _global_mean(value: float) -> float:
 
 
 def _step(worker: Any, micro: MicroBatch) -> float:
-    loss, _, _ = _pair_loss(worker, micro, train=True)
+    loss = micro_batch_step(worker, micro).loss
     worker.engine.backward(loss)
-    _sync_strength_gradients(worker)
+    step_strength(worker)
     worker.engine.step()
     return float(loss)
 
@@ -97,21 +99,25 @@ def _full_batch_logps(worker: Any, rows: dict[str, list]) -> list[float]:
     return stats.logps.tolist()
 
 
+def _plan(plan: WorkerPlan, objective: str, stage: int) -> WorkerPlan:
+    return dataclasses.replace(plan, config=_with(plan.config, objective, stage))
+
+
 def _worker_loop(payload: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
-    rows = payload["rows"]
+    rows, plan = payload["rows"], payload["plan"]
     micro = MicroBatch({name: column[rank::2] for name, column in rows.items()}, real=True)
     results: dict[str, Any] = {"losses": {}, "logps": {}}
     for stage in STAGES:
         for objective in sorted(OBJECTIVES):
-            worker = _build_worker(_with(payload["config"], objective, stage), payload)
+            worker = build_worker(_plan(plan, objective, stage))
             first = _global_mean(_step(worker, micro))
             for _ in range(STEPS - 1):
                 _step(worker, micro)
             with torch.no_grad():
-                final = _global_mean(float(_pair_loss(worker, micro, train=False)[0]))
+                final = _global_mean(float(micro_batch_step(worker, micro).loss))
             results["losses"][f"{objective}/zero{stage}"] = [first, final]
-        worker = _build_worker(_with(payload["config"], "dpo", stage), payload)
+        worker = build_worker(_plan(plan, "dpo", stage))
         _step(worker, micro)
         results["logps"][f"zero{stage}"] = _full_batch_logps(worker, rows)
     if rank == 0:
@@ -124,13 +130,20 @@ def distributed_results(ray_session, tmp_path_factory: pytest.TempPathFactory) -
     # Workers cannot import this test module: ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     _, tokenizer = load_policy("tiny")
+    tiny = resolve_model_path("tiny")
+    plan = WorkerPlan(
+        config=_config(directory / "run"),
+        total_steps=100,
+        total_pairs=800,
+        policy_path=tiny,
+        reference_path=tiny,
+        tokenizer_path=tiny,
+        final_dir=str(directory / "final"),
+        has_eval=False,
+    )
     payload = {
-        "config": _config(directory / "run"),
+        "plan": plan,
         "rows": hh_columns(tokenizer),
-        "policy_path": resolve_model_path("tiny"),
-        "reference_path": resolve_model_path("tiny"),
-        "total_steps": 100,
-        "has_eval": False,
         "output": str(directory / "results.json"),
     }
     trainer = TorchTrainer(
@@ -155,24 +168,23 @@ def test_every_objective_lowers_its_loss_on_two_workers(
 def _plain_torch_step(payload: dict[str, Any]) -> tuple[list[float], list[float]]:
     """Log-probs of the 8 pairs before and after one single-process AdamW step of DPO on all of
     them, with the optimizer settings DeepSpeed gets from the config."""
-    config = _with(payload["config"], "dpo", 2)
+    plan = payload["plan"]
+    config = _with(plan.config, "dpo", 2)
     trainer = config.trainer
     torch.manual_seed(config.seed)
-    policy, tokenizer = load_policy(payload["policy_path"])
-    reference, _ = load_policy(payload["reference_path"])
+    policy, tokenizer = load_policy(plan.policy_path)
+    reference, _ = load_policy(plan.reference_path)
     batch = collate_pairs(payload["rows"], tokenizer.pad_token_id)
     with torch.no_grad():
         before = sequence_stats(policy, batch, compute_entropy=False).logps.tolist()
         batch |= reference_columns(reference, batch)
     optimizer = torch.optim.AdamW(
-        _param_groups(policy, trainer.weight_decay),
+        param_groups(policy, trainer.weight_decay),
         lr=trainer.learning_rate,
         betas=(trainer.adam_beta1, trainer.adam_beta2),
         eps=trainer.adam_epsilon,
     )
-    stats = sequence_stats(policy, batch, compute_entropy=False)
-    loss, _ = preference_loss(config.loss, preference_batch(stats, batch, None))
-    loss.backward()
+    preference_step(policy, batch, config.loss).loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), trainer.max_grad_norm)
     optimizer.step()
     with torch.no_grad():

@@ -7,18 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import MARKER, KillOnce, ship_by_value
 from transformers import AutoModelForCausalLM
 
 from raypo.config import load_config
 from raypo.data.pipeline import read_split, split_directory
+from raypo.data.tiny_fit import fit_reference
 from raypo.eval.sampling import SamplingSettings
 from raypo.models import load_policy, load_tokenizer, resolve_model_path
 from raypo.train.checkpoint import trained_ids
 from raypo.train.export import STRENGTH_FILE
 from raypo.train.generation_eval import GenerationPrompt, run_generation_eval
 from raypo.train.metrics import read_metrics
-from raypo.train.run import FAULT_ENV, train
-from raypo.train.tiny_fit import fit_reference
+from raypo.train.run import train
 
 pytestmark = pytest.mark.slow
 
@@ -181,12 +182,13 @@ def _train_ids(run_path: Path) -> list[str]:
 
 
 def test_killed_worker_restarts_from_checkpoint_without_losing_or_repeating_pairs(
-    ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_session, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(FAULT_ENV, "3")  # after the step-2 checkpoint
+    ship_by_value()
     config = _epoch_config(tmp_path / "run", "--trainer.max_failures=1")
-    result = train(config)
-    assert (result.run_path / "fault_injected").exists()
+    fault = KillOnce(3, str(config.run_path))  # after the step-2 checkpoint
+    result = train(config, step_callbacks=[fault])
+    assert (result.run_path / MARKER).exists()
     ids = _train_ids(result.run_path)
     assert len(ids) == 47
     assert trained_ids(_latest_checkpoint(result.run_path, config.name)) == ids
@@ -194,13 +196,12 @@ def test_killed_worker_restarts_from_checkpoint_without_losing_or_repeating_pair
 
 
 def test_resume_after_the_whole_job_stopped_trains_each_pair_once(
-    ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_session, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(FAULT_ENV, "3")
+    ship_by_value()
     config = _epoch_config(tmp_path / "run", "--trainer.max_failures=0")
     with pytest.raises(Exception, match="(?i)fail|error"):
-        train(config)
-    monkeypatch.delenv(FAULT_ENV)
+        train(config, step_callbacks=[KillOnce(3, str(config.run_path))])
     with pytest.raises(SystemExit, match="--resume"):
         train(config)  # a fresh start would silently resume: refused
     result = train(config, resume=True)

@@ -1,13 +1,12 @@
 """Every registered objective, through the training path's forward and loss, lowers its loss on a
 fixed small set of real HH pairs (single process, tiny model, plain Adam).
 
-The Ray Train + DeepSpeed loop runs the same three pieces (collate_pairs, forward.sequence_stats,
-losses.preference_loss); tests/test_train_e2e.py covers the distributed wiring.
+The Ray Train + DeepSpeed loop calls the same public step (collate_pairs, then
+raypo.step.preference_step); tests/test_train_distributed.py and tests/test_train_e2e.py cover the
+distributed wiring.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -15,9 +14,11 @@ from hh_pairs import hh_columns
 
 from raypo.config import LossConfig
 from raypo.data.collate import collate_pairs
-from raypo.forward import preference_batch, reference_columns, sequence_stats
-from raypo.losses import OBJECTIVES, StrengthDistribution, preference_loss
+from raypo.forward import reference_columns
+from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_policy
+from raypo.objectives import OBJECTIVES
+from raypo.step import preference_step
 
 DISPERSION_SCALE = 50.0
 """The untrained tiny reference is near-uniform (Hn ~ 0.999), so w = -c ln Hn is ~3e-4 at the
@@ -34,9 +35,7 @@ def fixed_batch(raypo_cache: str) -> dict[str, torch.Tensor]:
 
 
 def _loss(model, batch, config: LossConfig, strength) -> torch.Tensor:
-    stats = sequence_stats(model, batch, compute_entropy=False)
-    inputs = preference_batch(stats, batch, DISPERSION_SCALE)
-    return preference_loss(config, inputs, strength)[0]
+    return preference_step(model, batch, config, strength=strength).loss
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -45,7 +44,8 @@ def test_objective_lowers_its_loss_on_a_fixed_set(name: str, fixed_batch) -> Non
     model, _ = load_policy("tiny")
     # IPO's target margin 1/(2 beta) is 0.5 at beta 1, narrower than one Adam step moves a sum of
     # ~40 token log-probs; beta 0.1 puts it at 5.
-    config = dataclasses.replace(LossConfig(), type=name, beta=0.1 if "ipo" in name else 1.0)
+    beta = 0.1 if "ipo" in name else 1.0
+    config = LossConfig(type=name, beta=beta, dispersion_scale=DISPERSION_SCALE)
     strength = StrengthDistribution("lognormal", 1.0, 0.5) if name == "mixdpo" else None
     parameters = list(model.parameters()) + (list(strength.parameters()) if strength else [])
     optimizer = torch.optim.Adam(parameters, lr=3e-4)

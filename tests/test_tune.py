@@ -16,11 +16,11 @@ import yaml
 from ray import tune
 
 from raypo.config import ConfigError, load_config
+from raypo.run_layout import RunLayout
 from raypo.train.metrics import read_metrics
-from raypo.train.run import FAULT_ENV
 from raypo.tune.results import TrialRow, best_trial
 from raypo.tune.run import run_sweep
-from raypo.tune.space import TRIALS, apply_params, search_domains
+from raypo.tune.space import apply_params, search_domains
 
 TINY_SWEEP = {
     "name": "tiny-sweep",
@@ -113,11 +113,12 @@ def test_best_trial_prefers_trials_that_trained_to_the_end() -> None:
 
 
 def _tune_command(*args: str, fault_at: int | None = None) -> subprocess.CompletedProcess:
-    """``raypo tune`` in its own process, which starts its own local Ray."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", FAULT_ENV)}
-    if fault_at is not None:
-        env[FAULT_ENV] = str(fault_at)
+    """``raypo tune`` in its own process, which starts its own local Ray; with ``fault_at``, the
+    same sweep with a worker killed at that step (tests/faults.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "raypo", "tune", *args]
+    if fault_at is not None:
+        command = [sys.executable, str(Path(__file__).parent / "faults.py"), *args, str(fault_at)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
 
 
@@ -139,7 +140,7 @@ def test_asha_sweep_shares_preparation_reports_a_failed_trial_then_resumes(
         rows = {r["trainer.max_steps"]: r for r in csv.DictReader(handle)}
     assert rows["2"]["status"] == "completed" and rows["2"]["error"] == ""
     assert rows["6"]["status"] == "error" and rows["6"]["error"]
-    done_dir = sweep / TRIALS / rows["2"]["trial"]
+    done_dir = RunLayout(sweep).trial(rows["2"]["trial"]).root
     done_stamp = (done_dir / "metrics.jsonl").stat().st_mtime_ns
 
     second = _tune_command("--resume", str(sweep))
@@ -151,7 +152,7 @@ def test_asha_sweep_shares_preparation_reports_a_failed_trial_then_resumes(
     # The finished trial was not run again; the failed one went on from its step-4 checkpoint.
     assert (done_dir / "metrics.jsonl").stat().st_mtime_ns == done_stamp
     for steps, expected in (("2", [2]), ("6", [2, 4, 6])):
-        run_dir = sweep / TRIALS / rows[steps]["trial"]
+        run_dir = RunLayout(sweep).trial(rows[steps]["trial"]).root
         # The trial trained on the sweep's prepared pairs and reference: nothing of its own.
         assert not (run_dir / "prepared").exists() and not (run_dir / "tiny-fit").exists()
         evals = [m for m in read_metrics(run_dir) if "eval/rewards/accuracies" in m]

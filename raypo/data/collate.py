@@ -16,9 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-REF_PREFIX = "ref_"
-"""Columns starting with this (``ref_chosen_logps``, ``ref_hn_rejected``, ...) hold one float of
-the reference pass per pair and are passed through as float32 tensors ``[B]``."""
+from raypo.forward import REFERENCE_PREFIX
 
 
 def collate_pairs(
@@ -85,7 +83,7 @@ def collate_pairs(
         "completion_lengths": torch.tensor(completion_lengths, dtype=torch.int64),
     }
     for name, values in rows.items():
-        if name.startswith(REF_PREFIX):
+        if name.startswith(REFERENCE_PREFIX):
             batch[name] = _ref_column(name, values, size)
     return batch
 

@@ -1,33 +1,57 @@
-"""``raypo prepare``: read, validate and tokenise the data, then run the reference pass.
+"""Everything a run does before training, in one function: :func:`prepare`.
 
-Also the first stage of ``raypo train``, which calls :func:`prepare` and trains on what it returns.
+read -> validate -> tokenise (:mod:`raypo.data.pipeline`) -> the tiny model's fit, when the run
+trains the embedded tiny model (:mod:`raypo.data.tiny_fit`) -> the reference pass, when it is
+precomputed (:mod:`raypo.data.reference`). ``raypo prepare`` runs it alone; ``raypo train`` runs
+it and trains on what it returns; ``raypo tune`` runs it once for all the trials of a sweep.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from raypo.config import RaypoConfig
-from raypo.data.pipeline import PreparedData, prepare_pairs
+from raypo.data.pipeline import PreparedData, prepare_pairs, read_split
 from raypo.data.reference import ReferencePass, run_reference_pass
+from raypo.data.tiny_fit import fit_reference
 from raypo.data.validate import DataQualityError
+from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import init_ray
+
+FIT_TEXTS = 2000
+"""At most this many chosen dialogues are used to fit the tiny model."""
 
 
 @dataclass(frozen=True)
 class PreparedRun:
-    """The data a training run reads: tokenised splits, with reference columns when precomputed."""
+    """The data a training run reads: tokenised splits, with reference columns when precomputed,
+    and the tiny model fitted to them."""
 
     data: PreparedData
     """Tokenised splits, rejects and summary under RUN_DIR."""
     reference: ReferencePass | None
     """The reference-annotated splits; None unless ``reference.mode`` is ``precomputed``."""
+    fitted_model: Path | None
+    """The embedded tiny model fitted to the chosen dialogues; None when the run brings its own
+    model (or ``model.tiny_fit_steps`` is 0)."""
     seconds: dict[str, float]
-    """Wall time of each stage: ``tokenise`` and ``reference``."""
+    """Wall time of each stage: ``tokenise``, ``tiny_fit`` and ``reference`` (those that ran)."""
+
+    def configure(self, config: RaypoConfig) -> RaypoConfig:
+        """``config`` set to train on this preparation: the fitted tiny model (and its tokenizer)
+        in place of the embedded one."""
+        if self.fitted_model is None:
+            return config
+        fitted = str(self.fitted_model)
+        model = dataclasses.replace(
+            config.model, name_or_path=fitted, tokenizer_name_or_path=fitted
+        )
+        return dataclasses.replace(config, model=model)
 
     def split_path(self, split: str) -> Path:
         """Where the trainer reads ``split`` from (annotated when precomputed)."""
@@ -37,17 +61,41 @@ class PreparedRun:
 
 
 def prepare(config: RaypoConfig) -> PreparedRun:
-    """Run the data stages of ``config`` on the current Ray cluster (started if needed)."""
+    """Run every stage before training for ``config`` on the current Ray cluster (started if
+    needed); see the module docstring."""
     init_ray()
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
     data = prepare_pairs(config)
-    seconds = {"tokenise": time.perf_counter() - started}
+    seconds["tokenise"] = time.perf_counter() - started
+    fitted_model = None
+    if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
+        started = time.perf_counter()
+        fitted_model = fit_tiny(config, data)
+        seconds["tiny_fit"] = time.perf_counter() - started
     reference = None
     if config.reference.mode == "precomputed":
         started = time.perf_counter()
-        reference = run_reference_pass(config, data)
+        fitted = PreparedRun(data, None, fitted_model, seconds).configure(config)
+        reference = run_reference_pass(fitted, data)
         seconds["reference"] = time.perf_counter() - started
-    return PreparedRun(data, reference, seconds)
+    return PreparedRun(data, reference, fitted_model, seconds)
+
+
+def fit_tiny(config: RaypoConfig, data: PreparedData) -> Path:
+    """Fit the embedded tiny model to the chosen dialogues so the reference is not random;
+    returns the fitted model's directory (``RUN_DIR/tiny-fit``)."""
+    tokenizer = load_tokenizer(config.model.tokenizer_path)
+    rows = read_split(data.split_path("train")).limit(FIT_TEXTS).take_all()
+    texts = [tokenizer.decode(list(r["prompt_ids"]) + list(r["chosen_ids"])) for r in rows]
+    return fit_reference(
+        resolve_model_path(TINY_NAME),
+        texts,
+        config.run_path / "tiny-fit",
+        steps=config.model.tiny_fit_steps,
+        max_length=config.data.max_length,
+        seed=config.seed,
+    )
 
 
 def _report(run: PreparedRun) -> str:
@@ -61,6 +109,8 @@ def _report(run: PreparedRun) -> str:
         f"rejected rows: {run.data.rejects_path}",
         f"summary: {run.data.summary_path}",
     ]
+    if run.fitted_model is not None:
+        lines.append(f"tiny model fitted in {run.seconds['tiny_fit']:.1f} s: {run.fitted_model}")
     if run.reference is not None:
         state = "reused (cache hit)" if run.reference.cache_hit else "computed"
         lines.append(

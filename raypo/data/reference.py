@@ -3,9 +3,9 @@
 A Ray Data ``map_batches`` actor pool (``reference.num_actors`` actors of ``cpus_per_actor`` CPUs
 and ``gpus_per_actor`` GPUs, each holding one copy of the model) adds four columns to every pair:
 ``ref_chosen_logps``, ``ref_rejected_logps`` (summed completion log-probs) and ``ref_hn_chosen``,
-``ref_hn_rejected`` (MallowsPO's normalised entropy Hn, METHODS.md). They are written as Parquet
-under ``reference.cache_dir/<fingerprint>`` and reused while the fingerprint of everything they
-depend on (data files, data settings, seed, tokenizer, reference model, dtype) is unchanged.
+``ref_hn_rejected`` (MallowsPO's normalised entropy Hn, docs/methods.md). They are written as
+Parquet under ``reference.cache_dir/<fingerprint>`` and reused while the fingerprint of everything
+they depend on (data files, data settings, seed, tokenizer, reference model, dtype) is unchanged.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from raypo.models import MARKER_FILE, load_policy
-from raypo.train.schedule import lr_lambda
 
 FIT_REPORT = "raypo_fit.json"
 """Written last into a fitted directory: its fingerprint, the losses before and after, timing."""
@@ -139,9 +138,7 @@ def _train(
     generator = torch.Generator().manual_seed(settings["seed"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"])
     warmup = math.ceil(_WARMUP_FRACTION * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, steps, warmup, "cosine")
-    )
+    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     batch_size = min(settings["batch_size"], len(texts))
     order: list[int] = []
     model.train()

@@ -1,17 +1,18 @@
 """The training loop run by every Ray Train worker.
 
-Read top to bottom: build the DeepSpeed engine around the policy, restore from the latest
-checkpoint if there is one, then for each micro-batch run one concatenated chosen+rejected forward
-(:mod:`raypo.forward`), take the reference log-probs and entropies from the precomputed columns or
-an online reference, compute the objective (:mod:`raypo.losses`) and step. Metrics go to Ray Train
-every ``logging_steps``; checkpoints every ``save_steps``; held-out metrics every ``eval_steps``,
-with a small generation eval (:mod:`raypo.train.generation_eval`) when
+Read top to bottom: build the DeepSpeed engine around the policy from the driver's
+:class:`raypo.train.worker_plan.WorkerPlan`, restore from the latest checkpoint if there is one,
+then collate each micro-batch, hand it to the one public step
+(:func:`raypo.step.preference_step`: forward, reference values, dispersion, objective) and step
+the engine. This module keeps what is
+distributed (engine, data shard, reports, checkpoints); the step keeps the mathematics. Metrics go
+to Ray Train every ``logging_steps``; checkpoints every ``save_steps``; held-out metrics every
+``eval_steps``, with a small generation eval (:mod:`raypo.train.generation_eval`) when
 ``eval.during_training_num_prompts`` is set.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,15 +29,17 @@ from torch import Tensor
 from raypo.config import RaypoConfig
 from raypo.data.collate import collate_pairs
 from raypo.eval.sampling import SamplingSettings
-from raypo.forward import preference_batch, reference_columns, sequence_stats
-from raypo.losses import StrengthDistribution, objective, preference_loss
+from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_policy
+from raypo.objectives import objective
+from raypo.step import ForwardSettings, StepResult, preference_step
 from raypo.train.batches import MicroBatch, lockstep_batches, until_accumulation_boundary
 from raypo.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from raypo.train.deepspeed_config import deepspeed_config, reference_deepspeed_config
 from raypo.train.export import export_policy, export_strength
-from raypo.train.generation_eval import GenerationPrompt, append_generations, run_generation_eval
+from raypo.train.generation_eval import append_generations, run_generation_eval
 from raypo.train.schedule import build_scheduler, data_progress
+from raypo.train.worker_plan import StepEvent, WorkerPlan
 
 _NO_DECAY = ("bias", "norm", "embed")
 
@@ -69,10 +72,10 @@ class _Sums:
 
 
 @dataclass
-class _Worker:
+class Worker:
     """What one worker holds for the whole run."""
 
-    config: RaypoConfig
+    plan: WorkerPlan
     engine: Any
     reference: Any
     strength: StrengthDistribution | None
@@ -81,12 +84,20 @@ class _Worker:
     device: torch.device
     rank: int
     world_size: int
-    has_eval: bool
-    generation_prompts: list[GenerationPrompt]
-    generations_path: str | None
+
+    @property
+    def config(self) -> RaypoConfig:
+        """The run's config."""
+        return self.plan.config
+
+    @property
+    def forward(self) -> ForwardSettings:
+        """How the policy and the online reference run their forwards."""
+        trainer = self.config.trainer
+        return ForwardSettings(trainer.logits_chunk_size, partitioned_head=trainer.zero_stage == 3)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases, norms and embeddings are not decayed (as in HF Trainer)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -112,21 +123,21 @@ def _online_reference(config: RaypoConfig, reference_path: str, world_size: int)
     return model.to(device)
 
 
-def _build_worker(config: RaypoConfig, payload: dict[str, Any]) -> _Worker:
+def build_worker(plan: WorkerPlan) -> Worker:
+    """The engine (and online reference, MixDPO strength) of this Ray Train worker."""
+    config = plan.config
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed)
-    policy, tokenizer = load_policy(payload["policy_path"], config.model.dtype)
+    policy, tokenizer = load_policy(plan.policy_path, config.model.dtype)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     ds_config = deepspeed_config(config.trainer, config.model, world_size)
     engine, _, _, _ = deepspeed.initialize(
         model=policy,
-        model_parameters=_param_groups(policy, config.trainer.weight_decay),
+        model_parameters=param_groups(policy, config.trainer.weight_decay),
         config=ds_config,
-        lr_scheduler=partial(
-            build_scheduler, trainer=config.trainer, total_steps=payload["total_steps"]
-        ),
+        lr_scheduler=partial(build_scheduler, trainer=config.trainer, total_steps=plan.total_steps),
     )
     strength = strength_optimizer = None
     if objective(config.loss.type).learns_strength:
@@ -139,13 +150,13 @@ def _build_worker(config: RaypoConfig, payload: dict[str, Any]) -> _Worker:
             estimator=loss.mixdpo_estimator,
             num_points=loss.mixdpo_num_points,
         ).to(engine.device)
-        # Its own optimizer and learning rate, never decayed (MixDPO, METHODS.md).
+        # Its own optimizer and learning rate, never decayed (MixDPO, docs/methods.md).
         strength_optimizer = torch.optim.Adam(strength.parameters(), lr=loss.mixdpo_lr)
     reference = None
     if config.reference.mode == "online":
-        reference = _online_reference(config, payload["reference_path"], world_size)
-    return _Worker(
-        config=config,
+        reference = _online_reference(config, plan.reference_path, world_size)
+    return Worker(
+        plan=plan,
         engine=engine,
         reference=reference,
         strength=strength,
@@ -154,54 +165,25 @@ def _build_worker(config: RaypoConfig, payload: dict[str, Any]) -> _Worker:
         device=engine.device,
         rank=rank,
         world_size=world_size,
-        has_eval=payload["has_eval"],
-        generation_prompts=payload.get("generation_prompts", []),
-        generations_path=payload.get("generations_path"),
     )
 
 
-def _reference_values(worker: _Worker, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The reference columns for this batch: precomputed, from the online model, or none."""
-    mode = worker.config.reference.mode
-    if mode == "precomputed":
-        return {name: tensors[name] for name in tensors if name.startswith("ref_")}
-    if mode == "online":
-        return reference_columns(
-            worker.reference,
-            tensors,
-            worker.config.trainer.logits_chunk_size,
-            partitioned_head=worker.config.trainer.zero_stage == 3,
-            compute_entropy=objective(worker.config.loss.type).uses_dispersion,
-        )
-    return {}
-
-
-def _pair_loss(worker: _Worker, micro: MicroBatch, train: bool) -> tuple[Tensor, dict, int]:
-    """Loss, metrics and token count of one micro-batch (policy forward with grad if ``train``)."""
-    config = worker.config
+def micro_batch_step(worker: Worker, micro: MicroBatch) -> StepResult:
+    """:func:`raypo.step.preference_step` of the policy on one collated micro-batch (with grad
+    when grad mode is on)."""
     collated = collate_pairs(micro.rows, worker.tokenizer.pad_token_id)
-    tensors = {name: value.to(worker.device) for name, value in collated.items()}
-    with torch.set_grad_enabled(train):
-        stats = sequence_stats(
-            worker.engine.module,
-            tensors,
-            chunk_size=config.trainer.logits_chunk_size,
-            compute_entropy=False,
-            partitioned_head=config.trainer.zero_stage == 3,
-        )
-        reference = _reference_values(worker, tensors)
-        uses_dispersion = objective(config.loss.type).uses_dispersion
-        scale = config.loss.dispersion_scale if uses_dispersion else None
-        batch = preference_batch(stats, reference, scale)
-        loss, metrics = preference_loss(config.loss, batch, worker.strength)
-    if "ref_chosen_logps" in reference:
-        ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
-        metrics["reference/accuracies"] = (ref_margin > 0).float().mean()
-    tokens = int(tensors["attention_mask"].sum())
-    return loss, metrics, tokens
+    batch = {name: value.to(worker.device) for name, value in collated.items()}
+    return preference_step(
+        worker.engine.module,
+        batch,
+        worker.config.loss,
+        reference_model=worker.reference,
+        strength=worker.strength,
+        forward=worker.forward,
+    )
 
 
-def _sync_strength_gradients(worker: _Worker) -> None:
+def step_strength(worker: Worker) -> None:
     """Average the (replicated, un-engined) strength gradients over workers, then step them."""
     if worker.strength is None:
         return
@@ -222,15 +204,15 @@ def _global_sum(count: int) -> int:
     return int(total.item())
 
 
-def evaluate(worker: _Worker, step: int) -> dict[str, float]:
+def evaluate(worker: Worker, step: int) -> dict[str, float]:
     """Held-out metrics over the whole ``eval`` shard of every worker, as ``eval/<name>``, and
     the generation eval's ``eval/gen/*`` when it has prompts."""
-    if not worker.has_eval:
+    if not worker.plan.has_eval:
         return {}
     return _pair_eval(worker) | _generation_eval(worker, step)
 
 
-def _pair_eval(worker: _Worker) -> dict[str, float]:
+def _pair_eval(worker: Worker) -> dict[str, float]:
     shard = ray.train.get_dataset_shard("eval")
     sums = _Sums()
     batches = shard.iter_batches(
@@ -238,30 +220,32 @@ def _pair_eval(worker: _Worker) -> dict[str, float]:
     )
     worker.engine.module.eval()
     for micro in lockstep_batches(batches, consumed=set()):
-        _, metrics, tokens = _pair_loss(worker, micro, train=False)
+        with torch.no_grad():
+            result = micro_batch_step(worker, micro)
         if micro.real:
-            sums.add(metrics, len(micro.rows["id"]), tokens)
+            sums.add(result.metrics, len(micro.rows["id"]), result.tokens)
     worker.engine.module.train()
     means, pairs, _ = sums.reduce()
     return {f"eval/{name}": value for name, value in means.items()} | {"eval/pairs": pairs}
 
 
-def _generation_eval(worker: _Worker, step: int) -> dict[str, float]:
-    if not worker.generation_prompts:
+def _generation_eval(worker: Worker, step: int) -> dict[str, float]:
+    plan = worker.plan
+    if not plan.generation_prompts:
         return {}
     config = worker.config
     metrics, records = run_generation_eval(
         worker.engine.module,
         worker.tokenizer,
-        worker.generation_prompts,
+        list(plan.generation_prompts),
         SamplingSettings.from_config(config.eval),
         rank=worker.rank,
         world_size=worker.world_size,
         batch_size=config.eval.batch_size,
         synced_gpus=config.trainer.zero_stage == 3,
     )
-    if worker.rank == 0 and worker.generations_path is not None:
-        append_generations(Path(worker.generations_path), step, records)
+    if worker.rank == 0 and plan.generations_path is not None:
+        append_generations(Path(plan.generations_path), step, records)
     return metrics
 
 
@@ -270,7 +254,7 @@ def _report(metrics: dict[str, float], state: TrainState) -> None:
     ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
 
 
-def _checkpoint(worker: _Worker, metrics: dict[str, float], state: TrainState) -> None:
+def _checkpoint(worker: Worker, metrics: dict[str, float], state: TrainState) -> None:
     """Save every rank's part of a checkpoint and report it with the metrics."""
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(
@@ -292,14 +276,14 @@ class _Progress:
     sums: _Sums = field(default_factory=_Sums)
     started: float = field(default_factory=time.perf_counter)
 
-    def flush(self, worker: _Worker) -> dict[str, float]:
+    def flush(self, worker: Worker) -> dict[str, float]:
         """The interval's metrics averaged over all workers; starts a new interval."""
         metrics = _log_metrics(worker, self.sums, time.perf_counter() - self.started)
         self.sums, self.started = _Sums(), time.perf_counter()
         return metrics
 
 
-def _log_metrics(worker: _Worker, sums: _Sums, seconds: float) -> dict[str, float]:
+def _log_metrics(worker: Worker, sums: _Sums, seconds: float) -> dict[str, float]:
     means, pairs, tokens = sums.reduce()
     optimizer = worker.engine.optimizer
     return {
@@ -312,21 +296,7 @@ def _log_metrics(worker: _Worker, sums: _Sums, seconds: float) -> dict[str, floa
     }
 
 
-def _maybe_fail(payload: dict[str, Any], worker: _Worker, state: TrainState) -> None:
-    """Fault injection for recovery tests (``RAYPO_FAULT_AT_STEP`` on the driver): the last rank
-    dies hard once per run, at that step. Every rank first waits until Ray Train has recorded the
-    checkpoints reported so far, as it would have long before a real failure; otherwise a fast
-    step could die before the controller sees the checkpoint it is meant to restart from."""
-    marker = Path(payload["fault_marker"])
-    if payload["fail_at_step"] != state.step or payload["restored"] or marker.exists():
-        return
-    ray.train.get_all_reported_checkpoints()
-    if worker.rank == worker.world_size - 1:
-        marker.write_text(f"rank {worker.rank} killed at step {state.step}\n")
-        os._exit(1)
-
-
-def _after_step(worker: _Worker, payload: dict, state: TrainState, progress: _Progress) -> None:
+def _after_step(worker: Worker, state: TrainState, progress: _Progress) -> None:
     trainer = worker.config.trainer
     metrics_out: dict[str, float] = {}
     if state.step % trainer.logging_steps == 0:
@@ -337,11 +307,13 @@ def _after_step(worker: _Worker, payload: dict, state: TrainState, progress: _Pr
         _checkpoint(worker, metrics_out, state)
     elif metrics_out:
         _report(metrics_out, state)
-    _maybe_fail(payload, worker, state)
+    event = StepEvent(worker.rank, worker.world_size, state.step, state.epoch)
+    for callback in worker.plan.step_callbacks:
+        callback(event)
 
 
 def _train_epoch(
-    worker: _Worker, payload: dict, state: TrainState, progress: _Progress, stop_at: int | None
+    worker: Worker, state: TrainState, progress: _Progress, stop_at: int | None
 ) -> bool:
     """Train on this worker's shard until it and every other shard is exhausted, or until step
     ``stop_at``; True when stopped by the step limit."""
@@ -353,20 +325,20 @@ def _train_epoch(
     )
     step_pairs = 0
     for micro in micro_batches:
-        loss, metrics, tokens = _pair_loss(worker, micro, train=True)
+        result = micro_batch_step(worker, micro)
         boundary = worker.engine.is_gradient_accumulation_boundary()
-        worker.engine.backward(loss if micro.real else loss * 0.0)
+        worker.engine.backward(result.loss if micro.real else result.loss * 0.0)
         if micro.real:
-            progress.sums.add(metrics, len(micro.rows["id"]), tokens)
+            progress.sums.add(result.metrics, len(micro.rows["id"]), result.tokens)
             state.record(micro.ids)
             step_pairs += len(micro.ids)
         if boundary:
-            _sync_strength_gradients(worker)
+            step_strength(worker)
             state.pairs_done += _global_sum(step_pairs)
             step_pairs = 0
             if stop_at is None:
                 worker.engine.lr_scheduler.progress = data_progress(
-                    state.pairs_done, payload["total_pairs"], payload["total_steps"]
+                    state.pairs_done, worker.plan.total_pairs, worker.plan.total_steps
                 )
         worker.engine.step()
         if not boundary:
@@ -374,11 +346,11 @@ def _train_epoch(
         state.step += 1
         if state.step == stop_at:
             return True
-        _after_step(worker, payload, state, progress)
+        _after_step(worker, state, progress)
     return False
 
 
-def _finish(worker: _Worker, state: TrainState, progress: _Progress) -> None:
+def _finish(worker: Worker, state: TrainState, progress: _Progress) -> None:
     """Last metrics, held-out evaluation and checkpoint of the run."""
     metrics_out = progress.flush(worker)
     if worker.config.trainer.eval_steps:
@@ -386,7 +358,7 @@ def _finish(worker: _Worker, state: TrainState, progress: _Progress) -> None:
     _checkpoint(worker, metrics_out, state)
 
 
-def train_worker(payload: dict[str, Any]) -> None:
+def train_worker(plan: WorkerPlan) -> None:
     """Ray Train's ``train_loop_per_worker``: build, restore, train, export.
 
     With ``trainer.max_steps`` (or a fractional ``num_epochs``) training stops at that step count;
@@ -395,11 +367,9 @@ def train_worker(payload: dict[str, Any]) -> None:
     rows left are spread unevenly over the workers; the learning-rate schedule then follows the
     pairs trained, not the steps (:mod:`raypo.train.schedule`).
     """
-    config: RaypoConfig = payload["config"]
-    worker = _build_worker(config, payload)
+    worker = build_worker(plan)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
-    payload = {**payload, "restored": checkpoint is not None}
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(
@@ -409,18 +379,18 @@ def train_worker(payload: dict[str, Any]) -> None:
                 worker.strength,
                 worker.strength_optimizer,
             )
-    trainer = config.trainer
+    trainer = plan.config.trainer
     whole_epochs = trainer.max_steps is None and float(trainer.num_epochs).is_integer()
-    stop_at = None if whole_epochs else payload["total_steps"]
+    stop_at = None if whole_epochs else plan.total_steps
     progress = _Progress()
     while stop_at is None or state.step < stop_at:
-        if _train_epoch(worker, payload, state, progress, stop_at):
+        if _train_epoch(worker, state, progress, stop_at):
             break
         if whole_epochs and state.epoch + 1 >= trainer.num_epochs:
             break
         state.next_epoch()
     _finish(worker, state, progress)
-    final_dir = Path(payload["final_dir"])
-    export_policy(worker.engine, payload["tokenizer_path"], final_dir, worker.rank)
+    final_dir = Path(plan.final_dir)
+    export_policy(worker.engine, plan.tokenizer_path, final_dir, worker.rank)
     if worker.strength is not None and worker.rank == 0:
         export_strength(worker.strength, final_dir)

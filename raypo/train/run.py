@@ -1,8 +1,9 @@
 """``raypo train``: prepare the data, optionally fit the tiny model, then run Ray Train.
 
-The driver does the data stages (:mod:`raypo.data.prepare`), writes the resolved config to
-``RUN_DIR/config.yaml`` and launches a ``TorchTrainer`` whose workers run
-:func:`raypo.train.loop.train_worker`. Ray Train keeps its checkpoints under
+The driver runs every stage before training (:func:`raypo.data.prepare.prepare`: data, tiny fit,
+reference pass), writes the resolved config to ``RUN_DIR/config.yaml`` and launches a
+``TorchTrainer`` whose workers run :func:`raypo.train.loop.train_worker` on one
+:class:`raypo.train.worker_plan.WorkerPlan`. Ray Train keeps its checkpoints under
 ``trainer.storage_path`` (default ``RUN_DIR/ray``); a run restarted with the same storage path and
 name (``raypo train --resume RUN_DIR``) continues from the latest one, and worker failures restart
 from it automatically up to ``trainer.max_failures`` times.
@@ -14,10 +15,10 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +29,19 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, save_config
-from raypo.data.pipeline import PreparedData, apply_row_order, prepare_pairs, read_split
-from raypo.data.reference import run_reference_pass
+from raypo.data.pipeline import apply_row_order, read_split
+from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
-from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
+from raypo.models import resolve_model_path
 from raypo.ray_runtime import init_ray
 from raypo.train.batches import pad_for_equal_split
 from raypo.train.generation_eval import GENERATIONS_FILE, select_prompts
 from raypo.train.loop import train_worker
 from raypo.train.metrics import MetricsLogger
 from raypo.train.schedule import total_training_steps
-from raypo.train.tiny_fit import fit_reference
+from raypo.train.worker_plan import StepCallback, WorkerPlan
 
 logger = logging.getLogger(__name__)
-
-FAULT_ENV = "RAYPO_FAULT_AT_STEP"
-"""Fault injection for recovery tests: the last worker dies once at this optimizer step."""
-FIT_TEXTS = 2000
-"""At most this many chosen dialogues are used to fit the tiny model."""
 
 
 class MetricsCallback(ray.train.UserCallback):
@@ -78,27 +74,6 @@ class TrainResult:
     """The exported policy (HF format)."""
     metrics: dict[str, Any]
     """The last metrics reported."""
-
-
-def fit_tiny(config: RaypoConfig, prepared: PreparedData) -> RaypoConfig:
-    """Fit the embedded tiny model to the chosen dialogues so the reference is not random."""
-    tokenizer = load_tokenizer(config.model.tokenizer_path)
-    rows = read_split(prepared.split_path("train")).limit(FIT_TEXTS).take_all()
-    texts = [tokenizer.decode(list(r["prompt_ids"]) + list(r["chosen_ids"])) for r in rows]
-    fitted = fit_reference(
-        resolve_model_path(TINY_NAME),
-        texts,
-        config.run_path / "tiny-fit",
-        steps=config.model.tiny_fit_steps,
-        max_length=config.data.max_length,
-        seed=config.seed,
-    )
-    return dataclasses.replace(
-        config,
-        model=dataclasses.replace(
-            config.model, name_or_path=str(fitted), tokenizer_name_or_path=str(fitted)
-        ),
-    )
 
 
 def _storage(config: RaypoConfig) -> str:
@@ -148,7 +123,7 @@ def ingest_config(dataset_names: list[str], preserve_order: bool) -> ray.train.D
 
 
 def _generation_eval_inputs(config: RaypoConfig, eval_path: Path, eval_pairs: int) -> dict:
-    """The payload entries of the during-training generation eval: its prompts and the file
+    """The plan's entries for the during-training generation eval: its prompts and the file
     rank 0 appends the completions to (nothing when it is off, or, like every held-out
     evaluation, when the run has no held-out pairs)."""
     num_prompts = config.eval.during_training_num_prompts
@@ -163,44 +138,18 @@ def _generation_eval_inputs(config: RaypoConfig, eval_path: Path, eval_pairs: in
         return {}
     rows = read_split(eval_path).select_columns(["id", "prompt_ids"]).take_all()
     return {
-        "generation_prompts": select_prompts(rows, num_prompts),
+        "generation_prompts": tuple(select_prompts(rows, num_prompts)),
         "generations_path": str(config.run_path / GENERATIONS_FILE),
     }
 
 
-def train(
-    config: RaypoConfig,
-    resume: bool = False,
-    callbacks: Sequence[ray.train.UserCallback] = (),
-    prepared: PreparedData | None = None,
-) -> TrainResult:
-    """Run the whole training job described by ``config`` (see the module docstring).
-
-    ``callbacks`` are added to Ray Train's (``raypo tune`` passes the one reporting to Tune);
-    ``prepared``: data already prepared from the same data settings (a sweep prepares once for
-    all its trials), used instead of preparing it again into this run's directory.
-    """
-    config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
-    _refuse_accidental_resume(config, resume)
-    init_ray()
-    if prepared is None:
-        prepared = prepare_pairs(config)
-    if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
-        config = fit_tiny(config, prepared)
-    split_path = prepared.split_path
-    if config.reference.mode == "precomputed":
-        split_path = run_reference_pass(config, prepared).split_path
-    save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
-
-    trainer_config = config.trainer
-    total_steps = total_training_steps(
-        prepared.split_counts["train"], trainer_config, trainer_config.num_workers
-    )
-    world_size = trainer_config.num_workers
-    counts = prepared.split_counts
+def _datasets(config: RaypoConfig, prepared: PreparedRun) -> dict[str, ray.data.Dataset]:
+    """The train split (shuffled by the seed) and the eval split, each padded so that an equal
+    split over the workers drops no pair (:func:`raypo.train.batches.pad_for_equal_split`)."""
+    counts, world_size = prepared.data.split_counts, config.trainer.num_workers
     apply_row_order(config.data)
     train_split = read_split(
-        split_path("train"), shuffle_seed=config.seed if config.data.shuffle else None
+        prepared.split_path("train"), shuffle_seed=config.seed if config.data.shuffle else None
     )
     if config.data.shuffle and ray.util.get_current_placement_group() is None:
         # Every epoch takes the same order: sorted once here (blocks in the object store, spilled
@@ -210,28 +159,59 @@ def train(
         train_split = train_split.materialize()
     datasets = {"train": pad_for_equal_split(train_split, counts["train"], world_size)}
     if counts["eval"]:
-        eval_split = read_split(split_path("eval"))
+        eval_split = read_split(prepared.split_path("eval"))
         datasets["eval"] = pad_for_equal_split(eval_split, counts["eval"], world_size)
-    final_dir = config.run_path / "final"
-    payload = {
-        **_generation_eval_inputs(config, split_path("eval"), counts["eval"]),
-        "config": config,
-        "total_steps": total_steps,
-        "total_pairs": math.ceil(counts["train"] * trainer_config.num_epochs),
-        "policy_path": resolve_model_path(config.model.name_or_path),
-        "reference_path": resolve_model_path(config.reference_model_path),
-        "tokenizer_path": resolve_model_path(config.model.tokenizer_path),
-        "final_dir": str(final_dir),
-        "has_eval": "eval" in datasets,
-        "fail_at_step": int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
-        "fault_marker": str(config.run_path / "fault_injected"),
-    }
+    return datasets
+
+
+def _worker_plan(
+    config: RaypoConfig, prepared: PreparedRun, step_callbacks: Sequence[StepCallback]
+) -> WorkerPlan:
+    counts, trainer = prepared.data.split_counts, config.trainer
+    return WorkerPlan(
+        config=config,
+        total_steps=total_training_steps(counts["train"], trainer, trainer.num_workers),
+        total_pairs=math.ceil(counts["train"] * trainer.num_epochs),
+        policy_path=resolve_model_path(config.model.name_or_path),
+        reference_path=resolve_model_path(config.reference_model_path),
+        tokenizer_path=resolve_model_path(config.model.tokenizer_path),
+        final_dir=str(config.run_path / "final"),
+        has_eval=counts["eval"] > 0,
+        step_callbacks=tuple(step_callbacks),
+        **_generation_eval_inputs(config, prepared.split_path("eval"), counts["eval"]),
+    )
+
+
+def train(
+    config: RaypoConfig,
+    resume: bool = False,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    prepared: PreparedRun | None = None,
+    step_callbacks: Sequence[StepCallback] = (),
+) -> TrainResult:
+    """Run the whole training job described by ``config`` (see the module docstring).
+
+    ``callbacks`` are added to Ray Train's (``raypo tune`` passes the one reporting to Tune);
+    ``prepared``: the stages before training, already run from the same data, model and reference
+    settings (a sweep prepares once for all its trials), used instead of preparing again into
+    this run's directory; ``step_callbacks`` run on every worker after each optimizer step
+    (:data:`raypo.train.worker_plan.StepCallback`).
+    """
+    config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
+    _refuse_accidental_resume(config, resume)
+    init_ray()
+    if prepared is None:
+        prepared = prepare(config)
+    config = prepared.configure(config)
+    save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
+    plan = _worker_plan(config, prepared, step_callbacks)
+    datasets = _datasets(config, prepared)
+    trainer_config = config.trainer
     resources = {"CPU": trainer_config.cpus_per_worker}
     if trainer_config.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=payload,
+        partial(train_worker, plan),
         scaling_config=ScalingConfig(
             num_workers=trainer_config.num_workers,
             use_gpu=trainer_config.use_gpu,
@@ -245,13 +225,13 @@ def train(
             failure_config=FailureConfig(max_failures=trainer_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=trainer_config.save_total_limit),
             callbacks=[
-                MetricsCallback(config.run_path, total_steps, trainer_config.report_to),
+                MetricsCallback(config.run_path, plan.total_steps, trainer_config.report_to),
                 *callbacks,
             ],
         ),
     )
     result = trainer.fit()
-    return TrainResult(config.run_path, final_dir, dict(result.metrics or {}))
+    return TrainResult(config.run_path, Path(plan.final_dir), dict(result.metrics or {}))
 
 
 def main(config: RaypoConfig, args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,12 +34,11 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 from ray.tune.search.optuna import OptunaSearch
 
 from raypo.config import RESOLVED_CONFIG_NAME, ConfigError, RaypoConfig, save_config
-from raypo.data.pipeline import PreparedData, prepare_pairs
-from raypo.data.reference import run_reference_pass
+from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
-from raypo.models import TINY_NAME
 from raypo.ray_runtime import init_ray
-from raypo.train.run import fit_tiny, train
+from raypo.train.run import train
+from raypo.train.worker_plan import StepCallback
 from raypo.tune.results import SweepResult, write_results
 from raypo.tune.space import TRIAL_DONE, TRIALS, apply_params, search_domains
 
@@ -59,9 +59,11 @@ class SweepPlan:
     """What every trial starts from."""
 
     base: RaypoConfig
-    """The sweep's config after the shared preparation (fitted model, shared reference cache)."""
-    prepared: PreparedData | None
-    """The shared :class:`raypo.data.pipeline.PreparedData`; None = each trial prepares its own."""
+    """The sweep's config, set to train on the shared preparation (the fitted tiny model)."""
+    prepared: PreparedRun | None
+    """The shared :class:`raypo.data.prepare.PreparedRun`; None = each trial prepares its own."""
+    step_callbacks: tuple[StepCallback, ...] = ()
+    """Run on every trial's workers after each optimizer step (:func:`raypo.train.run.train`)."""
 
 
 def _check_sweep(config: RaypoConfig) -> None:
@@ -81,7 +83,7 @@ def _check_sweep(config: RaypoConfig) -> None:
         raise ConfigError("trainer.eval_steps", 0, problem)
 
 
-def plan_sweep(config: RaypoConfig) -> SweepPlan:
+def plan_sweep(config: RaypoConfig, step_callbacks: Sequence[StepCallback] = ()) -> SweepPlan:
     """Prepare what the trials share in the sweep directory, once (see the module docstring)."""
     per_trial = [k for k in config.tune.search_space if k.split(".")[0] not in SHARED_SECTIONS]
     if per_trial:
@@ -89,20 +91,9 @@ def plan_sweep(config: RaypoConfig) -> SweepPlan:
             f"raypo tune: {', '.join(per_trial)} may change the data, the tiny model's fit or "
             "the reference pass, so every trial prepares its own"
         )
-        return SweepPlan(config, None)
-    prepared = prepare_pairs(config)
-    if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
-        config = fit_tiny(config, prepared)
-        config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, tiny_fit_steps=0)
-        )
-    shared_cache = str(config.reference_cache_path.resolve())
-    config = dataclasses.replace(
-        config, reference=dataclasses.replace(config.reference, cache_dir=shared_cache)
-    )
-    if config.reference.mode == "precomputed":
-        run_reference_pass(config, prepared)
-    return SweepPlan(config, prepared)
+        return SweepPlan(config, None, tuple(step_callbacks))
+    prepared = prepare(config)
+    return SweepPlan(prepared.configure(config), prepared, tuple(step_callbacks))
 
 
 class MetricReportCallback(TuneReportCallback):
@@ -129,7 +120,13 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     run_dir = plan.base.run_path / TRIALS / trial_id
     config = apply_params(plan.base, params, f"{plan.base.name}-{trial_id}", str(run_dir))
     callbacks = [MetricReportCallback(metric)]
-    result = train(config, resume=True, callbacks=callbacks, prepared=plan.prepared)
+    result = train(
+        config,
+        resume=True,
+        callbacks=callbacks,
+        prepared=plan.prepared,
+        step_callbacks=plan.step_callbacks,
+    )
     value = result.metrics.get(metric)
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise RuntimeError(
@@ -198,15 +195,17 @@ def _tuner(config: RaypoConfig, plan: SweepPlan, resume: bool) -> tune.Tuner:
     )
 
 
-def run_sweep(config: RaypoConfig, resume: bool = False) -> SweepResult:
+def run_sweep(
+    config: RaypoConfig, resume: bool = False, step_callbacks: Sequence[StepCallback] = ()
+) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep in ``config.run_path``; write and return
-    its results."""
+    its results. ``step_callbacks`` run on every trial's workers after each optimizer step."""
     config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
     _check_sweep(config)
     _check_experiment(config, resume)
     init_ray()
     save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
-    plan = plan_sweep(config)
+    plan = plan_sweep(config, step_callbacks)
     grid = _tuner(config, plan, resume).fit()
     return write_results(config, grid)
 

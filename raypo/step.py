@@ -1,0 +1,137 @@
+"""One preference step: the loss and the TRL-named metrics of one collated batch of pairs.
+
+Every Ray Train worker calls :func:`preference_step` for each micro-batch (training and held-out
+evaluation), and so do the benchmarks and the tests: there is no other copy of it. It is
+mathematics only (no Ray, no DeepSpeed): the caller owns the engine, the gradient mode and the
+optimizer. Data flows one way through it:
+
+1. the policy's forward over the ``2B`` chosen+rejected sequences, reduced to summed completion
+   log-probs (:func:`raypo.forward.sequence_stats`);
+2. the reference values: the batch's precomputed ``ref_*`` columns, or one forward of an online
+   reference model (:func:`raypo.forward.reference_columns`), with the normalised entropies only
+   when the objective needs the dispersion; nothing for reference-free objectives;
+3. the MallowsPO dispersion weight ``w(x)`` from the reference entropies
+   (:func:`raypo.dispersion.dispersion_weight`), where the objective uses it;
+4. the objective and its metrics (:func:`raypo.losses.preference_loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from raypo.config import LossConfig
+from raypo.dispersion import dispersion_weight
+from raypo.forward import REFERENCE_PREFIX, reference_columns, sequence_stats, split_pairs
+from raypo.losses import PreferenceBatch, preference_loss
+from raypo.mixdpo import StrengthDistribution
+from raypo.objectives import Objective, objective
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """How the policy and the reference turn a batch into per-sequence log-probs."""
+
+    chunk_size: int = 1024
+    """Completion positions per chunk of fp32 logits (``trainer.logits_chunk_size``)."""
+    partitioned_head: bool = False
+    """The lm-head weight is sharded (DeepSpeed ZeRO-3) and whole only inside its own forward."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step computed."""
+
+    loss: Tensor
+    """Mean loss over the batch's pairs, 0-dim; carries the gradient when grad mode is on."""
+    metrics: dict[str, Tensor]
+    """TRL-named metrics (detached, 0-dim): ``loss``, ``rewards/*``, ``logps/*``, and where they
+    apply ``dispersion/*``, ``mixdpo/*`` and ``reference/accuracies`` (the reference model's own
+    likelihood accuracy on the batch)."""
+    tokens: int
+    """Real (non-padding) tokens of the forward, prompt and completions of both halves."""
+
+
+def preference_step(
+    policy: nn.Module,
+    batch: Mapping[str, Tensor],
+    loss: LossConfig,
+    *,
+    reference_model: nn.Module | None = None,
+    strength: StrengthDistribution | None = None,
+    forward: ForwardSettings = ForwardSettings(),
+) -> StepResult:
+    """Loss and metrics of ``loss.type`` on one batch (see the module docstring for the order).
+
+    Args:
+        policy: a Hugging Face causal LM (or a DeepSpeed engine's ``module``).
+        batch: :func:`raypo.data.collate.collate_pairs` output on the policy's device; with
+            ``reference.mode: precomputed`` it carries the ``ref_*`` columns.
+        loss: the objective and its settings.
+        reference_model: the frozen reference for ``reference.mode: online``; None = take the
+            reference values from the batch's ``ref_*`` columns (or use none, for reference-free
+            objectives).
+        strength: the MixDPO strength distribution (``loss.type: mixdpo``).
+        forward: chunking and ZeRO-3 handling of both forwards.
+
+    Raises:
+        ValueError: the objective needs reference values the batch does not carry.
+    """
+    spec = objective(loss.type)
+    policy_stats = sequence_stats(
+        policy,
+        batch,
+        chunk_size=forward.chunk_size,
+        compute_entropy=False,
+        partitioned_head=forward.partitioned_head,
+    )
+    reference = _reference_values(spec, batch, reference_model, forward)
+    dispersion = None
+    if spec.uses_dispersion:
+        hn_chosen, hn_rejected = reference["ref_hn_chosen"], reference["ref_hn_rejected"]
+        dispersion = dispersion_weight(hn_chosen, hn_rejected, loss.dispersion_scale)
+    chosen, rejected = split_pairs(policy_stats.logps)
+    chosen_lengths, rejected_lengths = split_pairs(policy_stats.lengths)
+    pairs = PreferenceBatch(
+        policy_chosen_logps=chosen,
+        policy_rejected_logps=rejected,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        reference_chosen_logps=reference.get("ref_chosen_logps"),
+        reference_rejected_logps=reference.get("ref_rejected_logps"),
+        dispersion=dispersion,
+    )
+    value, metrics = preference_loss(loss, pairs, strength)
+    if "ref_chosen_logps" in reference:
+        ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
+        metrics["reference/accuracies"] = (ref_margin > 0).float().mean()
+    return StepResult(value, metrics, int(batch["attention_mask"].sum()))
+
+
+def _reference_values(
+    spec: Objective,
+    batch: Mapping[str, Tensor],
+    reference_model: nn.Module | None,
+    forward: ForwardSettings,
+) -> dict[str, Tensor]:
+    """The reference columns this step uses: from the online model, the batch, or none."""
+    if reference_model is not None:
+        return reference_columns(
+            reference_model,
+            batch,
+            forward.chunk_size,
+            partitioned_head=forward.partitioned_head,
+            compute_entropy=spec.uses_dispersion,
+        )
+    columns = {name: value for name, value in batch.items() if name.startswith(REFERENCE_PREFIX)}
+    needed = ["ref_chosen_logps", "ref_rejected_logps"] if spec.uses_reference else []
+    needed += ["ref_hn_chosen", "ref_hn_rejected"] if spec.uses_dispersion else []
+    missing = [name for name in needed if name not in columns]
+    if missing:
+        raise ValueError(
+            f"the objective needs the reference columns {missing}, which the batch does not "
+            "carry: precompute them (reference.mode: precomputed) or pass a reference model"
+        )
+    return columns

@@ -1,0 +1,63 @@
+"""What the driver of ``raypo train`` hands to every Ray Train worker, typed and frozen.
+
+The driver (:mod:`raypo.train.run`) prepares the data, counts the steps and resolves the model
+paths; each worker (:mod:`raypo.train.loop`) receives one :class:`WorkerPlan` and needs nothing
+else from the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from raypo.config import RaypoConfig
+from raypo.train.generation_eval import GenerationPrompt
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Where a worker stands right after an optimizer step (and its reports and checkpoint)."""
+
+    rank: int
+    """This worker's world rank."""
+    world_size: int
+    """Number of workers."""
+    step: int
+    """Optimizer steps done in the run, counting the restored ones."""
+    epoch: int
+    """0-based epoch of that step."""
+
+
+StepCallback = Callable[[StepEvent], None]
+"""Called on every worker after each optimizer step: instrumentation a user or a test installs
+(a profiler's marker, a fault injected to test recovery). It must be picklable: Ray ships it to
+the workers."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker of one run is given."""
+
+    config: RaypoConfig
+    """The resolved config of the run (the fitted tiny model in place of ``tiny``, if any)."""
+    total_steps: int
+    """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+    total_pairs: int
+    """Pairs the run trains, all epochs and workers together (positions a whole-epoch run's
+    schedule by the pairs trained)."""
+    policy_path: str
+    """Local directory of the policy's initial weights."""
+    reference_path: str
+    """Local directory of the reference model (loaded by workers in ``reference.mode: online``)."""
+    tokenizer_path: str
+    """Local directory of the tokenizer, exported next to the final policy."""
+    final_dir: str
+    """Where rank 0 exports the trained policy (and MixDPO's learned strength)."""
+    has_eval: bool
+    """Whether the workers receive an ``eval`` dataset shard of held-out pairs."""
+    generation_prompts: tuple[GenerationPrompt, ...] = ()
+    """Held-out prompts sampled at every evaluation (``eval.during_training_num_prompts``)."""
+    generations_path: str | None = None
+    """File rank 0 appends those completions to; None when there are no prompts."""
+    step_callbacks: tuple[StepCallback, ...] = ()
+    """Run on every worker after each optimizer step, in order."""

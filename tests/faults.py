@@ -1,0 +1,60 @@
+"""Fault injection for the recovery tests, installed only by tests: a step callback
+(:data:`raypo.train.worker_plan.StepCallback`) that kills a Ray Train worker process once.
+
+Also a command, ``python tests/faults.py CONFIG FAULT_AT_STEP``: ``raypo tune CONFIG`` with that
+callback on every trial's workers, exiting 1 when a trial failed or did not finish, as
+``raypo tune`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.cloudpickle
+import ray.train
+
+MARKER = "fault_injected"
+"""File the killed worker writes first, into the directory the test gives."""
+
+
+@dataclass(frozen=True)
+class KillOnce:
+    """The last rank dies hard (``os._exit``) at optimizer step ``step``, once: the marker file
+    it writes first keeps a restarted run from dying again. Every rank first waits until Ray
+    Train has recorded the checkpoints reported so far, as it would have long before a real
+    failure; otherwise a fast step could die before the controller sees the checkpoint it is
+    meant to restart from."""
+
+    step: int
+    marker_dir: str
+
+    def __call__(self, event) -> None:
+        marker = Path(self.marker_dir) / MARKER
+        if event.step != self.step or marker.exists():
+            return
+        ray.train.get_all_reported_checkpoints()
+        if event.rank == event.world_size - 1:
+            marker.write_text(f"rank {event.rank} killed at step {event.step}\n")
+            os._exit(1)
+
+
+def ship_by_value() -> None:
+    """Ray workers cannot import the tests: pickle this module's callback by value."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _sweep_with_fault(config_path: str, fault_at: int) -> int:
+    from raypo.config import load_config
+    from raypo.tune.run import run_sweep
+
+    config = load_config(config_path)
+    result = run_sweep(config, step_callbacks=(KillOnce(fault_at, str(config.run_path)),))
+    print(result.table)
+    return 1 if result.failed or result.unfinished else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_sweep_with_fault(sys.argv[1], int(sys.argv[2])))
