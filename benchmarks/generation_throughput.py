@@ -27,7 +27,8 @@ import ray
 from common import Column, Table, add_output_argument, write_results
 
 from raypo.config import load_config
-from raypo.eval.sampling import HFSampler, SamplingSettings
+from raypo.eval.sampling import HFSampler
+from raypo.generation import SamplingSettings
 from raypo.models import builtin_data_path, load_tokenizer, resolve_model_path
 
 NAME = "generation_throughput"

@@ -20,7 +20,6 @@ from pathlib import Path
 from raypo import __version__
 from raypo.config import (
     COMMAND_LINE,
-    RESOLVED_CONFIG_NAME,
     SECTIONS,
     ConfigError,
     RaypoConfig,
@@ -29,6 +28,7 @@ from raypo.config import (
     field_index,
     load_config,
 )
+from raypo.run_layout import RunLayout
 
 COMMANDS: dict[str, str] = {
     "prepare": "raypo.data.prepare:main",
@@ -52,26 +52,29 @@ overrides:
   `raypo config fields [SECTION]` lists every field with its type, range, default and meaning;
   `raypo config show CONFIG [overrides]` prints the resolved configuration."""
 
+_RUN = RunLayout(Path("RUN_DIR"))
+"""The run directory's files as the help names them."""
+
 _DESCRIPTIONS = {
     "prepare": (
         "read, validate and tokenise the preference data",
         "Read the preference data (data.path), validate every row (rejected rows go to "
-        "RUN_DIR/rejects.jsonl with a reason), tokenise it and, with reference.mode precomputed, "
-        "run the reference model once over it. Writes RUN_DIR/prepared/ and "
-        "RUN_DIR/data_summary.json. CONFIG is optional: flags such as --data.path suffice.",
+        f"{_RUN.rejects} with a reason), tokenise it and, with reference.mode precomputed, "
+        f"run the reference model once over it. Writes {_RUN.prepared}/ and "
+        f"{_RUN.data_summary}. CONFIG is optional: flags such as --data.path suffice.",
     ),
     "train": (
         "train a policy on preference pairs",
         "Train the policy (model.name_or_path) with the objective loss.type on "
         "trainer.num_workers Ray Train workers with DeepSpeed ZeRO (trainer.zero_stage). Writes "
-        "the resolved config, metrics.jsonl, checkpoints and the final HF-format policy "
-        "(RUN_DIR/final) under RUN_DIR.",
+        f"the resolved config, {_RUN.metrics.name}, checkpoints and the final HF-format policy "
+        f"({_RUN.final}) under RUN_DIR.",
     ),
     "eval": (
         "sample from a policy, score it and write the report",
         "Sample completions for held-out prompts from a policy (eval.policy, default "
-        "RUN_DIR/final) with vLLM or transformers, score them against eval.baseline, and write "
-        "RUN_DIR/eval/results.json, samples.jsonl and report.md with plots.",
+        f"{_RUN.final}) with vLLM or transformers, score them against eval.baseline, and write "
+        f"{_RUN.eval_results}, {_RUN.eval_samples.name} and {_RUN.eval_report.name} with plots.",
     ),
     "tune": (
         "run a Ray Tune sweep of training runs",
@@ -80,8 +83,8 @@ _DESCRIPTIONS = {
     ),
     "report": (
         "rebuild a run's report from its saved files",
-        "Rebuild RUN_DIR/eval/report.md and its plots from the files a run saved, using the "
-        f"run's resolved configuration (RUN_DIR/{RESOLVED_CONFIG_NAME}).",
+        f"Rebuild {_RUN.eval_report} and its plots from the files a run saved, using the "
+        f"run's resolved configuration ({_RUN.config}).",
     ),
 }
 
@@ -130,10 +133,10 @@ def _config_file(args: argparse.Namespace, overrides: Sequence[str] = ()) -> Pat
         return Path(chosen)
     run_dir = getattr(args, "resume", None) or getattr(args, "run_dir", None)
     if run_dir:
-        return Path(run_dir) / RESOLVED_CONFIG_NAME
+        return RunLayout(Path(run_dir)).config
     if getattr(args, "command", None) == "eval":
         evaluated = _override_value(overrides, "run_dir")
-        saved = Path(evaluated) / RESOLVED_CONFIG_NAME if evaluated else None
+        saved = RunLayout(Path(evaluated)).config if evaluated else None
         if saved is not None and saved.exists():
             return saved
     return None
@@ -258,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--resume",
                 metavar="RUN_DIR",
                 help="continue the run in RUN_DIR from its last checkpoint (CONFIG defaults to "
-                f"RUN_DIR/{RESOLVED_CONFIG_NAME})",
+                f"{_RUN.config})",
             )
         if name == "eval":
             sub.add_argument("--policy", dest="eval.policy", metavar="PATH", help="= --eval.policy")

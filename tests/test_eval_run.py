@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from raypo.config import RaypoConfig, load_config
-from raypo.eval.run import RESULTS_NAME, SAMPLES_NAME, evaluate, main
+from raypo.eval.run import evaluate, main
 from raypo.eval.scorers import save_tiny_reward_model
 from raypo.models import TinyModelSpec, resolve_model_path, save_tiny_model
+from raypo.run_layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -75,8 +76,8 @@ def _config(models: dict[str, Path], *overrides: str) -> RaypoConfig:
 
 
 def _read(run: Path) -> tuple[dict, list[dict]]:
-    results = json.loads((run / "eval" / RESULTS_NAME).read_text())
-    lines = (run / "eval" / SAMPLES_NAME).read_text().splitlines()
+    results = json.loads(RunLayout(run).eval_results.read_text())
+    lines = RunLayout(run).eval_samples.read_text().splitlines()
     return results, [json.loads(line) for line in lines]
 
 

@@ -15,12 +15,11 @@ from raypo.eval import sampling
 from raypo.eval.sampling import (
     EvalError,
     HFSampler,
-    SamplingSettings,
     choose_backend,
-    finish_completion,
     sample_completions,
     vllm_importable,
 )
+from raypo.generation import SamplingSettings, finish_completion
 from raypo.models import load_tokenizer, resolve_model_path
 
 PROMPTS = [

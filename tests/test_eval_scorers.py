@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from raypo.eval.scorers import (
-    distinct_n,
     generation_stats,
     implicit_reward,
     kl_estimate,
@@ -19,6 +18,7 @@ from raypo.eval.scorers import (
     save_tiny_reward_model,
     win_rate,
 )
+from raypo.generation import distinct_n
 from raypo.models import resolve_model_path
 
 

@@ -11,7 +11,7 @@ import torch
 
 from raypo.config import load_config
 from raypo.config_base import ConfigError
-from raypo.eval.sampling import SamplingSettings
+from raypo.generation import SamplingSettings
 from raypo.models import load_policy, resolve_model_path
 from raypo.train.generation_eval import (
     GenerationPrompt,

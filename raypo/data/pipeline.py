@@ -38,9 +38,8 @@ from raypo.data.records import Rejection, Source
 from raypo.data.tokenize import TokenizedPair, tokenize_pairs
 from raypo.data.validate import DataSummary
 from raypo.models import load_tokenizer, resolve_model_path
+from raypo.run_layout import SPLIT_COLUMN, RunLayout
 
-SPLIT_COLUMN = "split"
-"""Partition column of the prepared Parquet: ``train``, ``eval`` or ``rejected``."""
 SPLITS = ("train", "eval", "rejected")
 TOKENIZE_BATCH = 256
 """Pairs tokenised per call; batching amortises the tokenizer's per-call overhead."""
@@ -55,25 +54,37 @@ SHUFFLE_BLOCK_ROWS = 4096
 class PreparedData:
     """Where ``prepare_pairs`` wrote its outputs, and what it counted."""
 
-    directory: Path
-    """``RUN_DIR/prepared``: one Parquet directory per split (``split=train`` ...)."""
-    rejects_path: Path
-    """``RUN_DIR/rejects.jsonl``: every rejected row with source, row, reason and detail."""
-    summary_path: Path
-    """``RUN_DIR/data_summary.json``."""
+    layout: RunLayout
+    """The run directory it wrote into."""
     summary: DataSummary
     """Counts: rows read, accepted, rejected per reason and per source."""
     split_counts: dict[str, int]
     """Accepted rows per split (``train``, ``eval``)."""
 
+    @property
+    def directory(self) -> Path:
+        """``RUN_DIR/prepared``: one Parquet directory per split (``split=train`` ...)."""
+        return self.layout.prepared
+
+    @property
+    def rejects_path(self) -> Path:
+        """``RUN_DIR/rejects.jsonl``: every rejected row with source, row, reason and detail."""
+        return self.layout.rejects
+
+    @property
+    def summary_path(self) -> Path:
+        """``RUN_DIR/data_summary.json``."""
+        return self.layout.data_summary
+
     def split_path(self, split: str) -> Path:
         """Parquet directory of ``split``."""
-        return split_directory(self.directory, split)
+        return self.layout.prepared_split(split)
 
 
 def split_directory(prepared: Path, split: str) -> Path:
-    """Parquet directory of one split inside a prepared directory."""
-    return prepared / f"{SPLIT_COLUMN}={split}"
+    """Transitional: :meth:`raypo.run_layout.RunLayout.prepared_split` of the run directory that
+    holds ``prepared``; kept only until tests/test_train_e2e.py uses the layout."""
+    return RunLayout(prepared.parent).prepared_split(split)
 
 
 def _unit_hash(text: str) -> float:
@@ -182,11 +193,11 @@ def _source_items(data: DataConfig) -> list[dict[str, Any]]:
     return items
 
 
-def _write_rejects(prepared: Path, rejects_path: Path) -> DataSummary:
+def _write_rejects(layout: RunLayout) -> DataSummary:
     """Stream the rejected partition into ``rejects.jsonl``; count reasons and sources."""
     summary = DataSummary()
-    rejected_dir = split_directory(prepared, "rejected")
-    with rejects_path.open("w", encoding="utf-8") as out:
+    rejected_dir = layout.prepared_split("rejected")
+    with layout.rejects.open("w", encoding="utf-8") as out:
         if not rejected_dir.exists():
             return summary
         columns = ["source", "row", *REJECT_COLUMNS]
@@ -203,12 +214,12 @@ def _write_rejects(prepared: Path, rejects_path: Path) -> DataSummary:
     return summary
 
 
-def _count_accepted(prepared: Path, summary: DataSummary) -> dict[str, int]:
+def _count_accepted(layout: RunLayout, summary: DataSummary) -> dict[str, int]:
     """Accepted rows per split and per source, streamed from the Parquet ``source`` column
     (cheaper than a Ray Data groupby, which shuffles)."""
     counts = {}
     for split in ("train", "eval"):
-        directory = split_directory(prepared, split)
+        directory = layout.prepared_split(split)
         per_source: Counter[str] = Counter()
         if directory.exists():
             sources = ray.data.read_parquet(str(directory)).select_columns(["source"])
@@ -241,9 +252,9 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
     can read why).
     """
     data = config.data
-    run_path = config.run_path
-    run_path.mkdir(parents=True, exist_ok=True)
-    prepared = run_path / "prepared"
+    layout = RunLayout(config.run_path)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    prepared = layout.prepared
     if prepared.exists():
         shutil.rmtree(prepared)
     tokenizer_path = resolve_model_path(config.model.tokenizer_path)
@@ -260,16 +271,14 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
         rows = rows.limit(data.max_rows)
     rows.write_parquet(str(prepared), partition_cols=[SPLIT_COLUMN])
 
-    rejects_path = run_path / "rejects.jsonl"
-    summary = _write_rejects(prepared, rejects_path)
-    split_counts = _count_accepted(prepared, summary)
-    summary_path = run_path / "data_summary.json"
-    summary_path.write_text(
+    summary = _write_rejects(layout)
+    split_counts = _count_accepted(layout, summary)
+    layout.data_summary.write_text(
         json.dumps({**summary.to_json(), "splits": split_counts}, indent=2) + "\n",
         encoding="utf-8",
     )
-    result = PreparedData(prepared, rejects_path, summary_path, summary, split_counts)
-    summary.check(data.max_reject_fraction, rejects_path)
+    result = PreparedData(layout, summary, split_counts)
+    summary.check(data.max_reject_fraction, layout.rejects)
     return result
 
 

@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, load_config
+from raypo.config import RaypoConfig, load_config
 from raypo.eval import plots
-from raypo.losses import OBJECTIVES
-from raypo.train.metrics import METRICS_FILE, read_metrics
+from raypo.objectives import OBJECTIVES
+from raypo.run_layout import RunLayout
 
-REPORT_FILE = "report.md"
-PLOTS_DIR = "plots"
-RESULTS_FILE = "results.json"
-SAMPLES_FILE = "samples.jsonl"
+_METRICS = RunLayout(Path()).metrics.name
+"""``metrics.jsonl``, as the report's messages name it."""
+_RESULTS = RunLayout(Path()).eval_results.name
+"""``results.json``, as the report's messages name it."""
 
 _CURVES = (
     ("Loss", "loss", {"train": "loss", "held-out": "eval/loss"}),
@@ -78,8 +78,7 @@ class _Report:
 class _Inputs:
     """The saved files of one run, read once."""
 
-    run_path: Path
-    eval_dir: Path
+    layout: RunLayout
     config: RaypoConfig
     metrics: list[dict[str, Any]]
     results: dict[str, Any] | None
@@ -125,7 +124,7 @@ def _na(reason: str) -> str:
 
 def _training_curves(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
     if not inputs.metrics:
-        report.missing.append(("Training curves", f"no {METRICS_FILE} in {inputs.run_path}"))
+        report.missing.append(("Training curves", f"no {_METRICS} in {inputs.layout.root}"))
         return
     panels = []
     for title, ylabel, names in _CURVES:
@@ -134,7 +133,7 @@ def _training_curves(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
         if series:
             panels.append(plots.Panel(title, ylabel, series))
     if not panels:
-        reason = f"{METRICS_FILE} has no loss, rewards/accuracies or rewards/margins values"
+        reason = f"{_METRICS} has no loss, rewards/accuracies or rewards/margins values"
         report.missing.append(("Training curves", reason))
         return
     path = plots.training_curves(panels, plots_dir / "training_curves.png")
@@ -143,7 +142,7 @@ def _training_curves(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
         "batches and on the held-out pairs; dashed lines are the reference model's own "
         "likelihood accuracy."
     )
-    report.figures.append(Figure("Training curves", f"{PLOTS_DIR}/{path.name}", caption))
+    report.figures.append(Figure("Training curves", f"{plots_dir.name}/{path.name}", caption))
 
 
 def _reference_directory(config: RaypoConfig, run_path: Path) -> tuple[Path | None, str]:
@@ -187,7 +186,7 @@ def _dispersion_weights(inputs: _Inputs, report: _Report) -> dict[str, np.ndarra
         )
         report.missing.append(("Dispersion histogram", reason))
         return None
-    directory, note = _reference_directory(config, inputs.run_path)
+    directory, note = _reference_directory(config, inputs.layout.root)
     if directory is None:
         report.missing.append(("Dispersion histogram", note))
         return None
@@ -220,7 +219,9 @@ def _dispersion(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
         f"{loss.dispersion_scale:g}) over the {' and '.join(weights)} pairs, from the reference "
         f"model's normalised entropies ({role}); dashed lines mark the means ({means})."
     )
-    report.figures.append(Figure("Dispersion weight w(x)", f"{PLOTS_DIR}/{path.name}", caption))
+    report.figures.append(
+        Figure("Dispersion weight w(x)", f"{plots_dir.name}/{path.name}", caption)
+    )
 
 
 def _strength(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
@@ -229,9 +230,7 @@ def _strength(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
     if not OBJECTIVES[loss.type].learns_strength:
         report.missing.append((title, f"loss.type is {loss.type}, which learns no distribution"))
         return
-    from raypo.train.export import STRENGTH_FILE
-
-    source = inputs.run_path / "final" / STRENGTH_FILE
+    source = inputs.layout.strength
     if not source.is_file():
         report.missing.append((title, f"no {source} (training did not finish?)"))
         return
@@ -246,12 +245,12 @@ def _strength(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
         f"{_num(strength['moments']['cv'])})"
         + (", and its coefficient of variation over training." if cv[0] else ".")
     )
-    report.figures.append(Figure(title, f"{PLOTS_DIR}/{path.name}", caption))
+    report.figures.append(Figure(title, f"{plots_dir.name}/{path.name}", caption))
 
 
 def _win_rate_text(results: Mapping[str, Any] | None) -> str:
     if results is None:
-        return _na(f"no {RESULTS_FILE}: run `raypo eval`")
+        return _na(f"no {_RESULTS}: run `raypo eval`")
     win = results["win_rate"]
     if win is None:
         return _na(_no_reward_reason(results))
@@ -271,8 +270,9 @@ def _no_reward_reason(results: Mapping[str, Any]) -> str:
 def _rewards(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
     title = "Reward distributions"
     if inputs.results is None or inputs.samples is None:
-        absent = RESULTS_FILE if inputs.results is None else SAMPLES_FILE
-        report.missing.append((title, f"no {inputs.eval_dir / absent}: run `raypo eval`"))
+        layout = inputs.layout
+        absent = layout.eval_results if inputs.results is None else layout.eval_samples
+        report.missing.append((title, f"no {absent}: run `raypo eval`"))
         return
     scored = [
         (row["policy_reward"], row["baseline_reward"])
@@ -290,7 +290,7 @@ def _rewards(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
         f"Reward-model scores of the policy's and the baseline's completions for the same "
         f"{len(scored)} prompt samples, with each side's mean dashed."
     )
-    report.figures.append(Figure(title, f"{PLOTS_DIR}/{path.name}", caption))
+    report.figures.append(Figure(title, f"{plots_dir.name}/{path.name}", caption))
 
 
 def _group_row(name: str, stats: Mapping[str, Any]) -> str:
@@ -302,7 +302,7 @@ def _group_row(name: str, stats: Mapping[str, Any]) -> str:
 
 def _groups(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
     if inputs.results is None:
-        reason = f"no {inputs.eval_dir / RESULTS_FILE}: run `raypo eval`"
+        reason = f"no {inputs.layout.eval_results}: run `raypo eval`"
         report.missing.append(("Per-group table", reason))
         return
     implicit = inputs.results["implicit_reward"]
@@ -327,7 +327,7 @@ def _groups(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
         plots_dir / "groups.png",
     )
     caption = "Held-out implicit-reward accuracy of the policy against the reference per group."
-    report.figures.append(Figure("Per-group accuracy", f"{PLOTS_DIR}/{path.name}", caption))
+    report.figures.append(Figure("Per-group accuracy", f"{plots_dir.name}/{path.name}", caption))
 
 
 def _side_pair(results: Mapping[str, Any], key: str) -> str:
@@ -341,17 +341,17 @@ def _held_out_accuracy(inputs: _Inputs) -> str:
     if inputs.results is not None:
         overall = inputs.results["implicit_reward"]["overall"]
         if overall["accuracy"] is not None:
-            return f"{_pct(overall['accuracy'])} ({overall['pairs']} pairs, {RESULTS_FILE})"
+            return f"{_pct(overall['accuracy'])} ({overall['pairs']} pairs, {_RESULTS})"
     last = _last(inputs.metrics, "eval/rewards/accuracies")
     if last is None:
-        return _na("no held-out evaluation in metrics.jsonl and no results.json")
-    return f"{_pct(last[1])} (step {last[0]}, {METRICS_FILE})"
+        return _na(f"no held-out evaluation in {_METRICS} and no {_RESULTS}")
+    return f"{_pct(last[1])} (step {last[0]}, {_METRICS})"
 
 
 def _metric_text(inputs: _Inputs, name: str, fmt: Any) -> str:
     last = _last(inputs.metrics, name)
     if last is None:
-        return _na(f"{name} not in {METRICS_FILE}")
+        return _na(f"{name} not in {_METRICS}")
     return f"{fmt(last[1])} (step {last[0]})"
 
 
@@ -366,7 +366,7 @@ def _kl_text(kl: Mapping[str, Any]) -> str:
 def _eval_rows(results: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """Summary rows that only ``raypo eval`` can fill."""
     if results is None:
-        absent = _na(f"no {RESULTS_FILE}: run `raypo eval`")
+        absent = _na(f"no {_RESULTS}: run `raypo eval`")
         return [("Win rate vs baseline", absent), ("KL(policy ‖ reference)", absent)]
     kl, rewards = results["kl"], results["rewards"]
     kl_text = _na("not computed") if kl is None else _kl_text(kl)
@@ -416,17 +416,18 @@ def _header(inputs: _Inputs) -> list[str]:
     trained = (
         datetime.fromtimestamp(last_time[1], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         if last_time
-        else _na(f"no {METRICS_FILE}")
+        else _na(f"no {_METRICS}")
     )
     last_step = _last(inputs.metrics, "step")
-    steps = f"{last_step[1]} logged" if last_step else _na(f"no {METRICS_FILE}")
+    steps = f"{last_step[1]} logged" if last_step else _na(f"no {_METRICS}")
     if trainer.max_steps is not None:
         steps += f" (trainer.max_steps {trainer.max_steps})"
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return [
         f"# raypo report: {config.name}",
         "",
-        f"Run directory `{inputs.run_path}`; last metrics logged {trained}; report built {built}.",
+        f"Run directory `{inputs.layout.root}`; last metrics logged {trained}; "
+        f"report built {built}.",
         "",
         f"Objective **{loss.type}**: {OBJECTIVES[loss.type].summary}.",
         "",
@@ -458,55 +459,49 @@ def _markdown(inputs: _Inputs, report: _Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read_inputs(run_path: Path, eval_dir: Path, config: RaypoConfig | None) -> _Inputs:
-    config_path = run_path / RESOLVED_CONFIG_NAME
-    if not config_path.is_file():
+def _read_inputs(layout: RunLayout, config: RaypoConfig | None) -> _Inputs:
+    if not layout.config.is_file():
         raise FileNotFoundError(
-            f"{run_path} is not a raypo run directory: no {RESOLVED_CONFIG_NAME}; pass the "
+            f"{layout.root} is not a raypo run directory: no {layout.config.name}; pass the "
             "directory `raypo train` wrote (its run_dir)"
         )
-    results_path, samples_path = eval_dir / RESULTS_FILE, eval_dir / SAMPLES_FILE
+    results, samples = layout.eval_results, layout.eval_samples
     return _Inputs(
-        run_path=run_path,
-        eval_dir=eval_dir,
-        config=load_config(config_path) if config is None else config,
-        metrics=read_metrics(run_path),
-        results=_read_json(results_path) if results_path.is_file() else None,
-        samples=_read_jsonl(samples_path) if samples_path.is_file() else None,
+        layout=layout,
+        config=load_config(layout.config) if config is None else config,
+        metrics=_read_jsonl(layout.metrics) if layout.metrics.is_file() else [],
+        results=_read_json(results) if results.is_file() else None,
+        samples=_read_jsonl(samples) if samples.is_file() else None,
     )
 
 
-def build_report(
-    run_path: Path, eval_dir: Path | None = None, config: RaypoConfig | None = None
-) -> Path:
-    """Write ``eval_dir/report.md`` and ``eval_dir/plots/*.png`` from the run's saved files.
+def build_report(run_path: Path, config: RaypoConfig | None = None) -> Path:
+    """Write ``RUN_DIR/eval/report.md`` and ``RUN_DIR/eval/plots/*.png`` from the run's saved
+    files.
 
-    ``eval_dir`` defaults to ``run_path/eval``; ``config`` to the run's resolved config (pass it
-    to apply command-line overrides such as a different ``loss.dispersion_scale``). Sections whose
-    inputs are absent are listed under "Missing" with the reason. Returns the path of report.md.
+    ``config`` defaults to the run's resolved config (pass it to apply command-line overrides such
+    as a different ``loss.dispersion_scale``). Sections whose inputs are absent are listed under
+    "Missing" with the reason. Returns the path of report.md.
     """
-    run_path = Path(run_path)
-    eval_dir = run_path / "eval" if eval_dir is None else Path(eval_dir)
-    inputs = _read_inputs(run_path, eval_dir, config)
-    plots_dir = eval_dir / PLOTS_DIR
+    layout = RunLayout(Path(run_path))
+    inputs = _read_inputs(layout, config)
     report = _Report()
     for section in (_training_curves, _dispersion, _strength, _rewards, _groups):
-        section(inputs, plots_dir, report)
-    target = eval_dir / REPORT_FILE
-    target.write_text(_markdown(inputs, report), encoding="utf-8")
-    return target
+        section(inputs, layout.eval_plots, report)
+    layout.eval_report.write_text(_markdown(inputs, report), encoding="utf-8")
+    return layout.eval_report
 
 
 def main(config: RaypoConfig, args: argparse.Namespace) -> int:
     """``raypo report RUN_DIR``: rebuild RUN_DIR/eval/report.md; prints its path."""
-    run_path = Path(args.run_dir)
-    for required in (RESOLVED_CONFIG_NAME, METRICS_FILE):
-        if not (run_path / required).is_file():
+    layout = RunLayout(Path(args.run_dir))
+    for required in (layout.config, layout.metrics):
+        if not required.is_file():
             print(
-                f"raypo report: {run_path} has no {required}; pass a run directory written by "
-                "`raypo train` (it holds config.yaml and metrics.jsonl)",
+                f"raypo report: {layout.root} has no {required.name}; pass a run directory "
+                f"written by `raypo train` (it holds {layout.config.name} and {_METRICS})",
                 file=sys.stderr,
             )
             return 1
-    print(build_report(run_path, config=config))
+    print(build_report(layout.root, config=config))
     return 0

@@ -24,18 +24,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
-from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, save_config
+from raypo.config import RaypoConfig, save_config
 from raypo.eval.sampling import (
     EvalError,
     EvalPair,
     SampleRun,
-    SamplingSettings,
     choose_backend,
     load_eval_pairs,
     sample_completions,
@@ -49,14 +47,12 @@ from raypo.eval.scorers import (
     reward_summary,
     win_rate,
 )
+from raypo.generation import SamplingSettings
 from raypo.models import ModelLoadError, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import init_ray
+from raypo.run_layout import ExportLayout, RunLayout
 
 logger = logging.getLogger(__name__)
-
-EVAL_DIR_NAME = "eval"
-RESULTS_NAME = "results.json"
-SAMPLES_NAME = "samples.jsonl"
 
 
 @dataclass(frozen=True)
@@ -77,8 +73,8 @@ def model_paths(config: RaypoConfig) -> ModelPaths:
     """Resolve ``eval.policy`` (default ``RUN_DIR/final``), ``eval.baseline`` and the reference."""
     policy = config.eval.policy
     if policy is None:
-        final = config.run_path / "final"
-        if not (final / "config.json").is_file():
+        final = RunLayout(config.run_path).final
+        if not ExportLayout(final).hf_config.is_file():
             raise EvalError(
                 f"no trained policy at {final}: finish training first (raypo train), or name the "
                 "model to evaluate with --policy PATH"
@@ -276,20 +272,20 @@ def evaluate(config: RaypoConfig, log: Callable[[str], None] = logger.info) -> d
         "scoring": scored - sampled,
         "total": time.perf_counter() - started,
     }
-    eval_dir = config.run_path / EVAL_DIR_NAME
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, eval_dir / RESOLVED_CONFIG_NAME)
-    if not (config.run_path / RESOLVED_CONFIG_NAME).exists():
+    layout = RunLayout(config.run_path)
+    layout.eval_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, layout.eval_config)
+    if not layout.config.exists():
         # A directory evaluated without training (--policy) becomes a run directory the report
         # can read; a training run's own config.yaml is never replaced.
-        save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
-    (eval_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        save_config(config, layout.config)
+    layout.eval_results.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     lines = _sample_lines(prompt_pairs, prompt_texts, runs, columns)
-    (eval_dir / SAMPLES_NAME).write_text("".join(lines), encoding="utf-8")
+    layout.eval_samples.write_text("".join(lines), encoding="utf-8")
     return results
 
 
-def _summary(results: dict[str, Any], eval_dir: Path) -> list[str]:
+def _summary(results: dict[str, Any], layout: RunLayout) -> list[str]:
     overall = results["implicit_reward"]["overall"]
     kl = results["kl"]
     lines = [
@@ -310,8 +306,8 @@ def _summary(results: dict[str, Any], eval_dir: Path) -> list[str]:
             f"win rate vs {results['baseline']}: {rate['value']:.3f} "
             f"[{rate['ci_low']:.3f}, {rate['ci_high']:.3f}] over {rate['num_pairs']} pairs"
         )
-    lines.append(f"results: {eval_dir / RESULTS_NAME}")
-    lines.append(f"samples: {eval_dir / SAMPLES_NAME}")
+    lines.append(f"results: {layout.eval_results}")
+    lines.append(f"samples: {layout.eval_samples}")
     return lines
 
 
@@ -323,8 +319,7 @@ def main(config: RaypoConfig, args: argparse.Namespace) -> int:
     except (EvalError, ModelLoadError) as error:
         print(f"raypo eval: {error}", file=sys.stderr)
         return 1
-    eval_dir = config.run_path / EVAL_DIR_NAME
-    print("\n".join(_summary(results, eval_dir)))
+    print("\n".join(_summary(results, RunLayout(config.run_path))))
     try:
         from raypo.eval.report import build_report
     except ModuleNotFoundError as error:
@@ -332,5 +327,5 @@ def main(config: RaypoConfig, args: argparse.Namespace) -> int:
             raise
         print("report: skipped (this installation has no raypo.eval.report)")
         return 0
-    print(f"report: {build_report(config.run_path, eval_dir)}")
+    print(f"report: {build_report(config.run_path)}")
     return 0

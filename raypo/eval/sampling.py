@@ -1,19 +1,14 @@
 """Sampling completions for held-out prompts: the backend choice, the transformers backend, the
 actor pool both backends run in, and the prompts taken from the run's held-out split.
 
-Both backends see the same input, the prompt's token ids as the data pipeline tokenised them
-(chat template and truncation included), and return the same :class:`Generation` records: the
-generated ids up to and including the EOS that ended the completion (so a completion is never
-empty and its log-prob includes the decision to stop) and their text decoded by the policy's
-Hugging Face tokenizer without special tokens.
+Both backends see the same input and return the same :class:`raypo.generation.Generation`
+records (:mod:`raypo.generation` says how, and how each derives its seeds): the transformers
+backend runs :func:`raypo.generation.generate_batch` in :class:`HFSampler` actors in batches of
+``eval.batch_size`` prompts, vLLM runs in :class:`raypo.eval.vllm_actor.VLLMSampler` actors.
 
 ``eval.backend auto`` takes vLLM when it is importable (``pip install 'raypo[vllm]'`` on GPU,
 ``'raypo[cpu-vllm]'`` on CPU) and transformers ``generate`` otherwise; the choice and its reason
-are logged and recorded in results.json. Seeds: vLLM seeds every request with ``seed + prompt
-index``, so its samples do not depend on how prompts are split over actors or batched;
-transformers seeds every batch of ``eval.batch_size`` prompts with ``seed + first prompt index``,
-so its samples are reproducible for the same batch size and number of actors. Greedy decoding
-(temperature 0) gives the same ids on both (``tests/test_eval_sampling.py``).
+are logged and recorded in results.json.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +24,9 @@ import ray
 import torch
 
 from raypo.config import EvalConfig, RaypoConfig
-from raypo.data.pipeline import prepare_pairs, read_split, split_directory
+from raypo.data.pipeline import prepare_pairs, read_split
+from raypo.generation import Generation, SamplingSettings, generate_batch
+from raypo.run_layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -39,45 +36,6 @@ BACKENDS = ("vllm", "hf")
 
 class EvalError(RuntimeError):
     """Evaluation cannot run as configured; the message names the cause and the fix."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One completion: ``text`` decoded from ``token_ids`` (EOS kept in the ids when generated)."""
-
-    prompt_index: int
-    """Position of the prompt in the list given to the sampler."""
-    sample_index: int
-    """0 .. n-1 among the completions of that prompt."""
-    text: str
-    """Decoded completion without special tokens."""
-    token_ids: list[int]
-    """Generated token ids, the stopping EOS included."""
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """The sampling parameters of ``eval`` that both backends apply."""
-
-    temperature: float
-    """0 = greedy."""
-    top_p: float
-    """Nucleus mass; 1 = off."""
-    max_tokens: int
-    """Most new tokens per completion."""
-    n: int
-    """Completions per prompt."""
-    seed: int
-    """Base seed (see the module docstring for how each backend derives its seeds)."""
-
-    @classmethod
-    def from_config(cls, config: EvalConfig) -> SamplingSettings:
-        """The settings of an ``eval`` config section."""
-        return cls(config.temperature, config.top_p, config.max_tokens, config.n, config.seed)
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain dict for results.json."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -145,11 +103,12 @@ def choose_backend(requested: str) -> BackendChoice:
 def load_eval_pairs(config: RaypoConfig) -> list[EvalPair]:
     """The run's held-out pairs sorted by id; the data stage runs first when RUN_DIR has no
     ``prepared/``."""
-    prepared = config.run_path / "prepared"
+    layout = RunLayout(config.run_path)
+    prepared = layout.prepared
     if not prepared.exists():
         logger.info("eval: %s has no prepared data; running the data stage first", prepared)
         prepare_pairs(config)
-    directory = split_directory(prepared, "eval")
+    directory = layout.prepared_split("eval")
     if not directory.exists():
         raise EvalError(
             f"{directory} does not exist: the run has no held-out pairs; set data.eval_fraction "
@@ -168,69 +127,6 @@ def load_eval_pairs(config: RaypoConfig) -> list[EvalPair]:
         for row in rows
     ]
     return sorted(pairs, key=lambda pair: pair.id)
-
-
-def finish_completion(token_ids: list[int], eos_token_id: int | None) -> list[int]:
-    """``token_ids`` up to and including the first EOS (what follows is generate's padding)."""
-    if eos_token_id is not None and eos_token_id in token_ids:
-        return token_ids[: token_ids.index(eos_token_id) + 1]
-    return token_ids
-
-
-@torch.no_grad()
-def generate_batch(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    settings: SamplingSettings,
-    first_index: int,
-    synced_gpus: bool = False,
-) -> list[Generation]:
-    """``settings.n`` completions of each prompt with transformers ``generate``, seeded with
-    ``settings.seed + first_index``; ``first_index`` numbers the prompts. ``synced_gpus`` keeps
-    every rank of a ZeRO-3 model stepping until all ranks are done (each must call this the same
-    number of times)."""
-    from transformers import GenerationConfig
-
-    pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompts)
-    # Left padding keeps every prompt's last token in the last column, where generation starts.
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    sampling: dict[str, Any] = {"do_sample": False}
-    if settings.temperature > 0:
-        # top_k 0 turns off generate's default top-k of 50, which vLLM does not apply.
-        sampling = {"do_sample": True, "temperature": settings.temperature}
-        sampling |= {"top_p": settings.top_p, "top_k": 0}
-    generation_config = GenerationConfig(
-        max_new_tokens=settings.max_tokens,
-        num_return_sequences=settings.n,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        **sampling,
-    )
-    # The caller's random state is left as it was: sampling must not change what training draws.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(settings.seed + first_index)
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=generation_config,
-            synced_gpus=synced_gpus,
-        )
-    new_tokens = output[:, width:].cpu().tolist()
-    generations = []
-    for row, ids in enumerate(new_tokens):
-        kept = finish_completion(ids, eos)
-        text = tokenizer.decode(kept, skip_special_tokens=True)
-        index, sample = divmod(row, settings.n)
-        generations.append(Generation(first_index + index, sample, text, kept))
-    return generations
 
 
 class HFSampler:

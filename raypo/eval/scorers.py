@@ -15,7 +15,8 @@ inside Ray tasks started by :mod:`raypo.eval.run`.
 - Win rate: the fraction of (prompt, sample) pairs whose policy completion gets a higher reward
   than the baseline's, ties counting one half, with a percentile bootstrap interval that resamples
   prompts (the samples of one prompt are not independent).
-- distinct-n (Li et al. 2016): distinct word n-grams over all n-grams of one side's completions.
+- distinct-n (Li et al. 2016, :func:`raypo.generation.distinct_n`): distinct word n-grams over
+  all n-grams of one side's completions.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from raypo.data.collate import collate_pairs
 from raypo.forward import sequence_stats, split_pairs
+from raypo.generation import distinct_n
 
 
 @dataclass(frozen=True)
@@ -220,17 +222,6 @@ def win_rate(
         num_pairs=int(policy.size),
         bootstrap_samples=int(bootstrap_samples),
     )
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float | None:
-    """Distinct word n-grams / all word n-grams over ``texts`` (words split on whitespace);
-    None when no text has ``n`` words."""
-    grams = [
-        tuple(words[i : i + n])
-        for words in (text.split() for text in texts)
-        for i in range(len(words) - n + 1)
-    ]
-    return len(set(grams)) / len(grams) if grams else None
 
 
 def generation_stats(

@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from raypo.config import EvalConfig
-from raypo.eval.sampling import Generation, SamplingSettings, finish_completion
+from raypo.generation import Generation, SamplingSettings, finish_completion
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """``model.dtype`` -> vLLM's ``dtype`` argument."""

@@ -10,9 +10,11 @@ import torch.distributed as dist
 
 from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_tokenizer
+from raypo.run_layout import ExportLayout
 
-STRENGTH_FILE = "mixdpo_strength.json"
-"""The learned MixDPO strength distribution, written beside the exported policy."""
+STRENGTH_FILE = ExportLayout(Path()).strength.name
+"""Transitional: the name of :attr:`raypo.run_layout.ExportLayout.strength`, kept only until
+tests/test_train_e2e.py uses the layout."""
 
 
 def export_policy(engine: Any, tokenizer_path: str, output_dir: Path, rank: int) -> None:
@@ -49,8 +51,9 @@ def strength_summary(strength: StrengthDistribution) -> dict[str, Any]:
 
 
 def export_strength(strength: StrengthDistribution, output_dir: Path) -> Path:
-    """Write :func:`strength_summary` to ``output_dir/mixdpo_strength.json``."""
+    """Write :func:`strength_summary` to ``output_dir/mixdpo_strength.json``
+    (:attr:`raypo.run_layout.ExportLayout.strength`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / STRENGTH_FILE
+    path = ExportLayout(output_dir).strength
     path.write_text(json.dumps(strength_summary(strength), indent=2) + "\n")
     return path

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raypo.eval.sampling import Generation, SamplingSettings, generate_batch
-from raypo.eval.scorers import distinct_n
+from raypo.generation import Generation, SamplingSettings, distinct_n, generate_batch
+from raypo.run_layout import RunLayout
 
-GENERATIONS_FILE = "generations.jsonl"
-"""Completions sampled during training, in the run directory."""
+GENERATIONS_FILE = RunLayout(Path()).generations.name
+"""Transitional: the name of :attr:`raypo.run_layout.RunLayout.generations`, kept only until
+raypo/train/run.py uses the layout."""
 
 
 @dataclass(frozen=True)

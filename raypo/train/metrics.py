@@ -20,8 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-METRICS_FILE = "metrics.jsonl"
-"""Name of the metrics file in the run directory."""
+from raypo.run_layout import RunLayout
 
 _PROGRESS_KEYS = (
     "loss",
@@ -55,7 +54,7 @@ def _import_backend(name: str) -> Any:
 
 class _TensorBoard:
     def __init__(self, module: Any, run_dir: Path) -> None:
-        self.writer = module.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer = module.SummaryWriter(log_dir=str(RunLayout(run_dir).tensorboard))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
@@ -151,7 +150,7 @@ class MetricsLogger:
                 raise ValueError(f"unknown report_to entry {name!r}; choose from {list(_BACKENDS)}")
         modules = {name: _import_backend(name) for name in report_to}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self._file = RunLayout(self.run_dir).metrics.open("a", encoding="utf-8")
         self._backends = [_BACKENDS[name](module, self.run_dir) for name, module in modules.items()]
 
     def log(self, step: int, metrics: Mapping[str, float], epoch: float | None = None) -> None:
@@ -226,7 +225,7 @@ def mean_metrics_across_workers(metrics: Mapping[str, torch.Tensor]) -> dict[str
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every record of ``run_dir/metrics.jsonl`` in order (an empty list when there is none)."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunLayout(Path(run_dir)).metrics
     if not path.exists():
         return []
     with path.open(encoding="utf-8") as handle:

@@ -24,11 +24,9 @@ from ray.tune import ResultGrid
 
 from raypo.config import RaypoConfig, save_config
 from raypo.config_base import parse_search_expression
-from raypo.tune.space import TRIAL_DONE, TRIALS, apply_params
+from raypo.run_layout import RunLayout
+from raypo.tune.space import apply_params
 
-TABLE_CSV = "trials.csv"
-TABLE_MD = "trials.md"
-BEST_CONFIG = "best_config.yaml"
 PLOTTED_KEYS = {"loss.beta": "beta", "loss.dispersion_scale": "dispersion_scale"}
 """Searched keys that get a plot of the metric against them, and the plot's file-name part."""
 _ERROR_CHARS = 300
@@ -79,10 +77,10 @@ def _error_line(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:_ERROR_CHARS]
 
 
-def _status(result: Any, run_dir: Path, has_metric: bool) -> str:
+def _status(result: Any, trial: RunLayout, has_metric: bool) -> str:
     if result.error is not None:
         return "error"
-    if (run_dir / TRIAL_DONE).exists():
+    if trial.trial_done.exists():
         return "completed"
     return "stopped early" if has_metric else "unfinished"
 
@@ -96,11 +94,11 @@ def trial_rows(config: RaypoConfig, grid: ResultGrid) -> list[TrialRow]:
         value = metrics.get(metric)
         value = float(value) if isinstance(value, int | float) else None
         trial_id = str(metrics["trial_id"])  # Tune sets it even before a trial's first report
-        run_dir = config.run_path / TRIALS / trial_id
+        trial = RunLayout(config.run_path).trial(trial_id)
         rows.append(
             TrialRow(
                 trial_id=trial_id,
-                status=_status(result, run_dir, value is not None),
+                status=_status(result, trial, value is not None),
                 metric=value,
                 params={key: result.config.get(key) for key in keys},
                 step=int(metrics["step"]) if "step" in metrics else None,
@@ -132,7 +130,8 @@ def write_tables(config: RaypoConfig, rows: Sequence[TrialRow]) -> str:
         [r.trial_id, r.status, r.metric, *(r.params[k] for k in keys), r.step, r.error]
         for r in rows
     ]
-    with (config.run_path / TABLE_CSV).open("w", newline="", encoding="utf-8") as handle:
+    layout = RunLayout(config.run_path)
+    with layout.trials_csv.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(["" if v is None else v for v in record] for record in records)
@@ -141,7 +140,7 @@ def write_tables(config: RaypoConfig, rows: Sequence[TrialRow]) -> str:
         cells = (_format(v).replace("|", "\\|") for v in record)
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    (config.run_path / TABLE_MD).write_text(table, encoding="utf-8")
+    layout.trials_md.write_text(table, encoding="utf-8")
     return table
 
 
@@ -150,7 +149,7 @@ def write_best_config(config: RaypoConfig, best: TrialRow) -> Path:
     name = f"{config.name}-best"
     run_dir = config.run_path.with_name(config.run_path.name + "-best")
     best_config = apply_params(config, best.params, name, str(run_dir))
-    return save_config(best_config, config.run_path / BEST_CONFIG)
+    return save_config(best_config, RunLayout(config.run_path).best_config)
 
 
 def plot_metric(config: RaypoConfig, rows: Sequence[TrialRow], key: str, path: Path) -> Path:
@@ -190,17 +189,16 @@ def plot_metric(config: RaypoConfig, rows: Sequence[TrialRow], key: str, path: P
 
 def write_results(config: RaypoConfig, grid: ResultGrid) -> SweepResult:
     """Write every result file of the sweep in ``config.run_path`` (see the module docstring)."""
+    layout = RunLayout(config.run_path)
     rows = trial_rows(config, grid)
     table = write_tables(config, rows)
     best = best_trial(rows)
     best_config = write_best_config(config, best) if best is not None else None
     plots = [
-        plot_metric(config, rows, key, config.run_path / f"metric_vs_{stem}.png")
+        plot_metric(config, rows, key, layout.metric_plot(stem))
         for key, stem in PLOTTED_KEYS.items()
         if key in config.tune.search_space
     ]
     failed = sum(row.status == "error" for row in rows)
     unfinished = sum(row.status == "unfinished" for row in rows)
-    return SweepResult(
-        rows, table, config.run_path / TABLE_MD, best, best_config, plots, failed, unfinished
-    )
+    return SweepResult(rows, table, layout.trials_md, best, best_config, plots, failed, unfinished)
