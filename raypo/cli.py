@@ -197,7 +197,7 @@ def _config_fields(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _objectives(args: argparse.Namespace, overrides: list[str]) -> int:
     _no_overrides("objectives", overrides)
-    from raypo.losses import OBJECTIVES
+    from raypo.objectives import OBJECTIVES
 
     width = max(len(name) for name in OBJECTIVES)
     for name, spec in OBJECTIVES.items():
@@ -307,7 +307,7 @@ def _add_inspection_commands(commands: argparse._SubParsersAction) -> None:
         commands,
         "objectives",
         "list the objectives loss.type accepts",
-        "List the preference objectives of raypo.losses.OBJECTIVES (the values of loss.type), "
+        "List the preference objectives of raypo.objectives.OBJECTIVES (the values of loss.type), "
         "what each needs (the reference model, the dispersion w(x)) and its formula.",
         epilog=False,
     )

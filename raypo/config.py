@@ -38,7 +38,6 @@ from raypo.objectives import OBJECTIVES, reference_free_objectives
 
 __all__ = [
     "COMMAND_LINE",
-    "RESOLVED_CONFIG_NAME",
     "SECTIONS",
     "ConfigError",
     "DataConfig",
@@ -58,9 +57,6 @@ __all__ = [
     "load_config",
     "save_config",
 ]
-
-RESOLVED_CONFIG_NAME = "config.yaml"
-"""File name of the resolved config that every run writes into its run directory."""
 
 _REPORTERS = ["tensorboard", "wandb", "mlflow"]
 

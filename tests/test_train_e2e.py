@@ -11,12 +11,12 @@ from faults import MARKER, KillOnce, ship_by_value
 from transformers import AutoModelForCausalLM
 
 from raypo.config import load_config
-from raypo.data.pipeline import read_split, split_directory
+from raypo.data.pipeline import read_split
 from raypo.data.tiny_fit import fit_reference
-from raypo.eval.sampling import SamplingSettings
+from raypo.generation import SamplingSettings
 from raypo.models import load_policy, load_tokenizer, resolve_model_path
+from raypo.run_layout import ExportLayout, RunLayout
 from raypo.train.checkpoint import trained_ids
-from raypo.train.export import STRENGTH_FILE
 from raypo.train.generation_eval import GenerationPrompt, run_generation_eval
 from raypo.train.metrics import read_metrics
 from raypo.train.run import train
@@ -88,7 +88,7 @@ def test_mallows_theta_trains_logs_checkpoints_and_exports_under_zero3(
     assert metrics[-1]["eval/pairs"] > 0 and "eval/rewards/accuracies" in metrics[-1]
     _check_generation_eval(result.run_path, result.final_dir, metrics)
     checkpoints = [
-        p for p in (result.run_path / "ray" / config.name).glob("checkpoint_*") if p.is_dir()
+        p for p in (RunLayout(result.run_path).ray / config.name).glob("checkpoint_*") if p.is_dir()
     ]
     assert len(checkpoints) == 1  # save_total_limit = 1
     assert (checkpoints[0] / "train_state_rank0.pt").exists()
@@ -116,7 +116,7 @@ def _check_generation_eval(run_path: Path, final_dir: Path, metrics: list[dict])
     assert all(m["eval/gen/completions"] == 5 for m in evals.values())
     lines = [json.loads(line) for line in (run_path / "generations.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2] * 5 + [4] * 5
-    held_out = read_split(split_directory(run_path / "prepared", "eval")).take_all()
+    held_out = read_split(RunLayout(run_path).prepared_split("eval")).take_all()
     prompt_ids = {str(row["id"]): [int(t) for t in row["prompt_ids"]] for row in held_out}
     last = lines[5:]
     assert [line["id"] for line in last] == sorted(prompt_ids)[:5]
@@ -157,7 +157,7 @@ def test_precomputed_and_online_reference_give_the_same_first_step(ray_session, 
 
 
 def _latest_checkpoint(run_path: Path, name: str) -> Path:
-    directories = [p for p in (run_path / "ray" / name).glob("checkpoint_*") if p.is_dir()]
+    directories = [p for p in (RunLayout(run_path).ray / name).glob("checkpoint_*") if p.is_dir()]
     return max(directories, key=lambda p: p.name)
 
 
@@ -242,7 +242,7 @@ def test_mixdpo_whole_run_learns_its_strength_and_exports_it(ray_session, tmp_pa
     assert len(epochs) == 4, epochs
     assert epochs[-1]["loss"] < epochs[0]["loss"] - 1e-3, [e["loss"] for e in epochs]
     assert epochs[0]["mixdpo/beta_mean"] == pytest.approx(1.0, rel=1e-6)  # E[beta] fixed
-    exported = json.loads((result.final_dir / STRENGTH_FILE).read_text())
+    exported = json.loads(ExportLayout(result.final_dir).strength.read_text())
     assert exported["family"] == "lognormal"
     assert exported["moments"]["mean"] == pytest.approx(1.0, rel=1e-6)
     assert exported["moments"]["cv"] == pytest.approx(epochs[-1]["mixdpo/beta_cv"], rel=0.05)

@@ -81,12 +81,6 @@ class PreparedData:
         return self.layout.prepared_split(split)
 
 
-def split_directory(prepared: Path, split: str) -> Path:
-    """Transitional: :meth:`raypo.run_layout.RunLayout.prepared_split` of the run directory that
-    holds ``prepared``; kept only until tests/test_train_e2e.py uses the layout."""
-    return RunLayout(prepared.parent).prepared_split(split)
-
-
 def _unit_hash(text: str) -> float:
     """The first 8 bytes of ``text``'s sha256 as a number in [0, 1)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64

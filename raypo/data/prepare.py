@@ -22,6 +22,7 @@ from raypo.data.tiny_fit import fit_reference
 from raypo.data.validate import DataQualityError
 from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import init_ray
+from raypo.run_layout import RunLayout
 
 FIT_TEXTS = 2000
 """At most this many chosen dialogues are used to fit the tiny model."""
@@ -91,7 +92,7 @@ def fit_tiny(config: RaypoConfig, data: PreparedData) -> Path:
     return fit_reference(
         resolve_model_path(TINY_NAME),
         texts,
-        config.run_path / "tiny-fit",
+        RunLayout(config.run_path).tiny_fit,
         steps=config.model.tiny_fit_steps,
         max_length=config.data.max_length,
         seed=config.seed,

@@ -12,10 +12,6 @@ from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_tokenizer
 from raypo.run_layout import ExportLayout
 
-STRENGTH_FILE = ExportLayout(Path()).strength.name
-"""Transitional: the name of :attr:`raypo.run_layout.ExportLayout.strength`, kept only until
-tests/test_train_e2e.py uses the layout."""
-
 
 def export_policy(engine: Any, tokenizer_path: str, output_dir: Path, rank: int) -> None:
     """Write ``save_pretrained`` weights and the tokenizer to ``output_dir`` from rank 0.

@@ -26,11 +26,6 @@ import torch
 import torch.distributed as dist
 
 from raypo.generation import Generation, SamplingSettings, distinct_n, generate_batch
-from raypo.run_layout import RunLayout
-
-GENERATIONS_FILE = RunLayout(Path()).generations.name
-"""Transitional: the name of :attr:`raypo.run_layout.RunLayout.generations`, kept only until
-raypo/train/run.py uses the layout."""
 
 
 @dataclass(frozen=True)

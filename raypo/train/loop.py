@@ -28,7 +28,7 @@ from torch import Tensor
 
 from raypo.config import RaypoConfig
 from raypo.data.collate import collate_pairs
-from raypo.eval.sampling import SamplingSettings
+from raypo.generation import SamplingSettings
 from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_policy
 from raypo.objectives import objective

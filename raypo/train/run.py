@@ -28,14 +28,15 @@ import ray.util
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypo.config import RESOLVED_CONFIG_NAME, RaypoConfig, save_config
+from raypo.config import RaypoConfig, save_config
 from raypo.data.pipeline import apply_row_order, read_split
 from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
 from raypo.models import resolve_model_path
 from raypo.ray_runtime import init_ray
+from raypo.run_layout import RunLayout
 from raypo.train.batches import pad_for_equal_split
-from raypo.train.generation_eval import GENERATIONS_FILE, select_prompts
+from raypo.train.generation_eval import select_prompts
 from raypo.train.loop import train_worker
 from raypo.train.metrics import MetricsLogger
 from raypo.train.schedule import total_training_steps
@@ -82,7 +83,7 @@ def _storage(config: RaypoConfig) -> str:
     storage = config.trainer.storage_path
     if storage and "://" in storage:
         return storage
-    return str(Path(storage or config.run_path / "ray").resolve())
+    return str(Path(storage or RunLayout(config.run_path).ray).resolve())
 
 
 def _has_checkpoints(storage: str, name: str) -> bool:
@@ -139,7 +140,7 @@ def _generation_eval_inputs(config: RaypoConfig, eval_path: Path, eval_pairs: in
     rows = read_split(eval_path).select_columns(["id", "prompt_ids"]).take_all()
     return {
         "generation_prompts": tuple(select_prompts(rows, num_prompts)),
-        "generations_path": str(config.run_path / GENERATIONS_FILE),
+        "generations_path": str(RunLayout(config.run_path).generations),
     }
 
 
@@ -175,7 +176,7 @@ def _worker_plan(
         policy_path=resolve_model_path(config.model.name_or_path),
         reference_path=resolve_model_path(config.reference_model_path),
         tokenizer_path=resolve_model_path(config.model.tokenizer_path),
-        final_dir=str(config.run_path / "final"),
+        final_dir=str(RunLayout(config.run_path).final),
         has_eval=counts["eval"] > 0,
         step_callbacks=tuple(step_callbacks),
         **_generation_eval_inputs(config, prepared.split_path("eval"), counts["eval"]),
@@ -203,7 +204,7 @@ def train(
     if prepared is None:
         prepared = prepare(config)
     config = prepared.configure(config)
-    save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
+    save_config(config, RunLayout(config.run_path).config)
     plan = _worker_plan(config, prepared, step_callbacks)
     datasets = _datasets(config, prepared)
     trainer_config = config.trainer
@@ -255,6 +256,6 @@ def main(config: RaypoConfig, args: argparse.Namespace) -> int:
             f"on {int(metrics.get('eval/pairs', 0))} pairs"
         )
     print(f"run directory: {result.run_path}")
-    print(f"metrics: {result.run_path / 'metrics.jsonl'}")
+    print(f"metrics: {RunLayout(result.run_path).metrics}")
     print(f"final policy: {result.final_dir}")
     return 0

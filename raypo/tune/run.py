@@ -33,17 +33,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from raypo.config import RESOLVED_CONFIG_NAME, ConfigError, RaypoConfig, save_config
+from raypo.config import ConfigError, RaypoConfig, save_config
 from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
 from raypo.ray_runtime import init_ray
+from raypo.run_layout import RunLayout
 from raypo.train.run import train
 from raypo.train.worker_plan import StepCallback
 from raypo.tune.results import SweepResult, write_results
-from raypo.tune.space import TRIAL_DONE, TRIALS, apply_params, search_domains
+from raypo.tune.space import apply_params, search_domains
 
-EXPERIMENT = "tune"
-"""Tune's experiment directory inside the sweep directory."""
 SHARED_SECTIONS = ("loss", "trainer", "eval")
 """Searched keys in these sections leave the data, the tiny fit and the reference unchanged, so
 the driver prepares them once for all trials."""
@@ -117,7 +116,8 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     """
     metric = plan.base.tune.metric
     trial_id = tune.get_context().get_trial_id()
-    run_dir = plan.base.run_path / TRIALS / trial_id
+    trial = RunLayout(plan.base.run_path).trial(trial_id)
+    run_dir = trial.root
     config = apply_params(plan.base, params, f"{plan.base.name}-{trial_id}", str(run_dir))
     callbacks = [MetricReportCallback(metric)]
     result = train(
@@ -133,7 +133,7 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
             f"the training run reported no finite {metric!r} (got {value!r}); "
             "check tune.metric and trainer.eval_steps"
         )
-    (run_dir / TRIAL_DONE).write_text(f"{metric}: {value}\n", encoding="utf-8")
+    trial.trial_done.write_text(f"{metric}: {value}\n", encoding="utf-8")
 
 
 def _scheduler(config: RaypoConfig) -> TrialScheduler:
@@ -165,7 +165,7 @@ def _search_alg(config: RaypoConfig) -> SearchAlgorithm | Searcher:
 
 def _check_experiment(config: RaypoConfig, resume: bool) -> None:
     """Refuse to resume nothing, or to start a second sweep over an existing one."""
-    experiment = config.run_path / EXPERIMENT
+    experiment = RunLayout(config.run_path).tune
     if resume and not tune.Tuner.can_restore(str(experiment)):
         raise SystemExit(f"raypo tune: no Tune experiment to resume in {experiment}")
     if not resume and experiment.exists():
@@ -178,7 +178,7 @@ def _check_experiment(config: RaypoConfig, resume: bool) -> None:
 def _tuner(config: RaypoConfig, plan: SweepPlan, resume: bool) -> tune.Tuner:
     trainable = tune.with_resources(partial(run_trial, plan=plan), TRIAL_RESOURCES)
     if resume:
-        experiment = str(config.run_path / EXPERIMENT)
+        experiment = str(RunLayout(config.run_path).tune)
         return tune.Tuner.restore(experiment, trainable, resume_errored=True)
     tune_config = config.tune
     return tune.Tuner(
@@ -191,7 +191,9 @@ def _tuner(config: RaypoConfig, plan: SweepPlan, resume: bool) -> tune.Tuner:
             scheduler=_scheduler(config),
             num_samples=tune_config.num_samples,
         ),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(config.run_path)),
+        run_config=tune.RunConfig(
+            name=RunLayout(config.run_path).tune.name, storage_path=str(config.run_path)
+        ),
     )
 
 
@@ -204,7 +206,7 @@ def run_sweep(
     _check_sweep(config)
     _check_experiment(config, resume)
     init_ray()
-    save_config(config, config.run_path / RESOLVED_CONFIG_NAME)
+    save_config(config, RunLayout(config.run_path).config)
     plan = plan_sweep(config, step_callbacks)
     grid = _tuner(config, plan, resume).fit()
     return write_results(config, grid)

@@ -8,21 +8,12 @@ values are applied to the sweep's config to give the trial's own complete config
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from raypo.config import RaypoConfig, TuneConfig, config_from_dict, config_to_dict
 from raypo.config_base import parse_search_expression
-from raypo.run_layout import RunLayout
-
-TRIALS = RunLayout(Path()).trials.name
-"""Transitional: the name of :attr:`raypo.run_layout.RunLayout.trials`, kept only until
-raypo/tune/run.py uses the layout."""
-TRIAL_DONE = RunLayout(Path()).trial_done.name
-"""Transitional: the name of :attr:`raypo.run_layout.RunLayout.trial_done`, kept only until
-raypo/tune/run.py uses the layout."""
 
 
 def search_domains(tune_config: TuneConfig) -> dict[str, Any]:
