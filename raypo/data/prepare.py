@@ -46,13 +46,7 @@ class PreparedRun:
     def configure(self, config: RaypoConfig) -> RaypoConfig:
         """``config`` set to train on this preparation: the fitted tiny model (and its tokenizer)
         in place of the embedded one."""
-        if self.fitted_model is None:
-            return config
-        fitted = str(self.fitted_model)
-        model = dataclasses.replace(
-            config.model, name_or_path=fitted, tokenizer_name_or_path=fitted
-        )
-        return dataclasses.replace(config, model=model)
+        return _with_model(config, self.fitted_model)
 
     def split_path(self, split: str) -> Path:
         """Where the trainer reads ``split`` from (annotated when precomputed)."""
@@ -77,10 +71,17 @@ def prepare(config: RaypoConfig) -> PreparedRun:
     reference = None
     if config.reference.mode == "precomputed":
         started = time.perf_counter()
-        fitted = PreparedRun(data, None, fitted_model, seconds).configure(config)
-        reference = run_reference_pass(fitted, data)
+        reference = run_reference_pass(_with_model(config, fitted_model), data)
         seconds["reference"] = time.perf_counter() - started
     return PreparedRun(data, reference, fitted_model, seconds)
+
+
+def _with_model(config: RaypoConfig, fitted_model: Path | None) -> RaypoConfig:
+    if fitted_model is None:
+        return config
+    fitted = str(fitted_model)
+    model = dataclasses.replace(config.model, name_or_path=fitted, tokenizer_name_or_path=fitted)
+    return dataclasses.replace(config, model=model)
 
 
 def fit_tiny(config: RaypoConfig, data: PreparedData) -> Path:
