@@ -4,9 +4,9 @@ The embedded tiny Llama is first fitted to the chosen dialogues of the training 
 (:func:`raypo.data.tiny_fit.fit_reference`, as ``model.tiny_fit_steps`` does); the fitted model
 is both the reference and every policy's starting point. The reference columns (log-probs and
 entropies) are computed once over all pairs. Each objective then trains for ``--epochs`` epochs
-over the training split with raypo's per-worker step (collate, one chosen+rejected forward through
-:mod:`raypo.forward`, :mod:`raypo.losses`, gradient clipping, AdamW; MixDPO's strength
-distribution with its own Adam, as in :mod:`raypo.train.loop`) in one process, without Ray: twelve
+over the training split with raypo's per-worker step (collate, :func:`raypo.step.preference_step`,
+gradient clipping, AdamW; MixDPO's strength distribution with its own Adam, as in
+:mod:`raypo.train.loop`) in one process, without Ray: twelve
 Ray Train jobs (4 objectives x 3 seeds) do not fit the time budget on two cores. A seed sets the
 order of the training pairs and torch's RNG; the train/test split is fixed. The held-out metric is
 the fraction of test pairs whose implicit reward ``beta (log pi - log pi_ref)`` is higher for the
@@ -116,8 +116,8 @@ def add_reference_columns(model: Any, rows: list[dict], pad_token_id: int, size:
 
 def fit_tiny(work: Path, settings: Settings, limit: int | None) -> tuple[Path, list, list]:
     """The tiny model fitted to the training split's chosen dialogues, and the two splits."""
-    from raypo.models import load_tokenizer, resolve_model_path
     from raypo.data.tiny_fit import fit_reference
+    from raypo.models import load_tokenizer, resolve_model_path
 
     source = resolve_model_path("tiny", cache_dir=work / "cache")
     tokenizer = load_tokenizer(source)
@@ -135,18 +135,13 @@ def _loss_config(name: str, settings: Settings) -> Any:
     return LossConfig(type=name, beta=settings.beta, dispersion_scale=settings.dispersion_scale)
 
 
-def _batch_loss(model: Any, rows: list[dict], name: str, settings: Settings, strength: Any) -> Any:
-    """Loss and metrics of one batch, exactly as a raypo Train worker computes them."""
-    from raypo.forward import preference_batch, sequence_stats
-    from raypo.losses import objective, preference_loss
+def batch_step(model: Any, rows: list[dict], name: str, settings: Settings, strength: Any) -> Any:
+    """:func:`raypo.step.preference_step` on the collated ``rows`` (their ``ref_*`` columns are
+    the precomputed reference), as a raypo Train worker's ``micro_batch_step`` calls it."""
+    from raypo.step import preference_step
 
     batch = collate(rows, model.config.pad_token_id)
-    stats = sequence_stats(model, batch, compute_entropy=False)
-    scale = settings.dispersion_scale if objective(name).uses_dispersion else None
-    reference = {key: value for key, value in batch.items() if key.startswith("ref_")}
-    return preference_loss(
-        _loss_config(name, settings), preference_batch(stats, reference, scale), strength
-    )
+    return preference_step(model, batch, _loss_config(name, settings), strength=strength)
 
 
 def evaluate(model: Any, rows: list[dict], name: str, settings: Settings, strength: Any) -> dict:
@@ -158,7 +153,7 @@ def evaluate(model: Any, rows: list[dict], name: str, settings: Settings, streng
     with torch.no_grad():
         for start in range(0, len(rows), settings.pairs):
             chunk = rows[start : start + settings.pairs]
-            _, metrics = _batch_loss(model, chunk, name, settings, strength)
+            metrics = batch_step(model, chunk, name, settings, strength).metrics
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
     model.train()
@@ -171,8 +166,9 @@ def train_one(
     """Train a copy of the fitted model with objective ``name`` and seed, then evaluate it."""
     import torch
 
-    from raypo.losses import StrengthDistribution, objective
+    from raypo.losses import StrengthDistribution
     from raypo.models import load_policy
+    from raypo.objectives import objective
 
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -194,7 +190,7 @@ def train_one(
         if len(queue) < settings.pairs:
             queue = order.sample(train, len(train))
         chunk, queue = queue[: settings.pairs], queue[settings.pairs :]
-        loss, _ = _batch_loss(model, chunk, name, settings, strength)
+        loss = batch_step(model, chunk, name, settings, strength).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         for opt in (optimizer, strength_optimizer):

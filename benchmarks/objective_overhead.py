@@ -1,9 +1,10 @@
 """Step time, tokens/s and peak memory of each objective against DPO, in one process, same batches.
 
-The training step of raypo (collate -> one concatenated chosen+rejected forward with chunked
-log-probs -> objective -> backward -> AdamW) on real HH pairs, with the reference columns
-precomputed as in ``reference.mode: precomputed``. Objectives are interleaved round-robin so
-machine noise hits them alike; the reported time is the median over rounds.
+The training step of raypo (:func:`raypo.step.preference_step` on a collated batch: one
+concatenated chosen+rejected forward with chunked log-probs -> objective; then backward -> AdamW)
+on real HH pairs, with the reference columns precomputed as in ``reference.mode: precomputed``.
+Objectives are interleaved round-robin so machine noise hits them alike; the reported time is the
+median over rounds.
 
     python benchmarks/objective_overhead.py
 """
@@ -40,9 +41,10 @@ from raypo.data.collate import collate_pairs
 from raypo.data.formats import split_hh
 from raypo.data.records import PreferencePair
 from raypo.data.tokenize import tokenize_pairs
-from raypo.forward import preference_batch, reference_columns, sequence_stats
-from raypo.losses import StrengthDistribution, preference_loss
+from raypo.forward import reference_columns
+from raypo.losses import StrengthDistribution
 from raypo.models import TinyModelSpec, build_tiny_model, load_tokenizer
+from raypo.step import preference_step
 
 HH = Path(__file__).resolve().parents[1] / "tests" / "data" / "hh_harmless_1800.jsonl.gz"
 OBJECTIVES = ("dpo", "mallows_theta", "mallows_phi", "mixdpo")
@@ -66,9 +68,8 @@ def _batches(tokenizer, pairs_per_step: int, steps: int, max_length: int) -> lis
 
 
 def _step(model, optimizer, batch, name: str, strength) -> None:
-    stats = sequence_stats(model, batch, compute_entropy=False)
-    inputs = preference_batch(stats, batch, 0.29)
-    loss, _ = preference_loss(dataclasses.replace(LossConfig(), type=name), inputs, strength)
+    config = LossConfig(type=name, dispersion_scale=0.29)
+    loss = preference_step(model, batch, config, strength=strength).loss
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

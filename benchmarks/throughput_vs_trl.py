@@ -8,12 +8,15 @@ not ln 2), on the same token ids (raypo's tokenisation of the HH pairs, handed t
 AdamW at a constant learning rate, gradient norm clipped at 1, no gradient checkpointing.
 
 Sides: ``trl`` (DPOTrainer, reference forward every step); ``raypo-online`` (the step a raypo
-Train worker runs with ``reference.mode: online``: collate, one chosen+rejected forward through
-:mod:`raypo.forward` with chunked log-probs, the reference forward, :mod:`raypo.losses`, clip,
-AdamW; no Ray or DeepSpeed); ``raypo-precomputed`` (the same without the reference forward, whose
-columns come from a pass before training, timed separately). Each run is a fresh subprocess (so
-its peak RSS is its own) and the sides alternate round by round (TRL, raypo, TRL, raypo, ...) so
-that load on the shared machine hits them alike; the raypo/TRL ratio is taken within each round.
+Train worker runs with ``reference.mode: online``: collate, :func:`raypo.step.preference_step`
+with the reference model (one chosen+rejected forward of each with chunked log-probs, the loss),
+clip, AdamW; no Ray or DeepSpeed); ``raypo-precomputed`` (the same without the reference forward:
+the batch carries the ``ref_*`` columns of a pass before training, timed separately);
+``raypo-precomputed-bucketed`` (a prototype, :func:`bucketed_step`: the batch's pairs in
+length-sorted micro-batches, each through ``preference_step``, gradients accumulated). Each run
+is a fresh subprocess (so its peak RSS is its own) and the sides alternate round by round (TRL,
+raypo, TRL, raypo, ...) so that load on the shared machine hits them alike; the raypo/TRL ratio
+is taken within each round.
 Then raypo itself runs on 2 Ray Train workers (ZeRO-2, torch Adam, precomputed reference, the same
 global batch).
 
@@ -46,9 +49,9 @@ from common import (
 from scaling import QUICK, STANDARD, build_models, hh_records, ray_train_config, run_training
 
 SIDES = ("trl", "raypo-online", "raypo-precomputed", "raypo-precomputed-bucketed")
-"""``raypo-precomputed-bucketed`` is a prototype, not raypo's code: :func:`bucketed_stats`."""
+"""``raypo-precomputed-bucketed`` is a prototype, not raypo's loop: :func:`bucketed_step`."""
 BUCKETS = 4
-"""Length groups of the bucketed prototype's forward."""
+"""Length-sorted micro-batches per step of the bucketed prototype."""
 MIB = 2**20
 
 
@@ -135,47 +138,75 @@ def _rss_mib() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / MIB
 
 
-def bucketed_stats(model: Any, batch: dict, groups: int) -> Any:
-    """Prototype of a padding-saving :func:`raypo.forward.sequence_stats`: the ``2B`` sequences
-    sorted by length and run as ``groups`` forwards, each cut to its own longest sequence (right
-    padding makes the cut exact); the per-sequence results are put back in batch order. Same
-    numbers as one forward over the whole padded batch, without most of the padding."""
-    import torch
+def length_groups(rows: list[dict], groups: int) -> list[list[int]]:
+    """Indices of ``rows`` sorted by each pair's longer sequence (prompt + completion) and cut
+    into ``groups`` consecutive parts of near-equal size (as ``numpy.array_split``)."""
+    longest = [
+        len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows
+    ]
+    order = sorted(range(len(rows)), key=longest.__getitem__)
+    size, extra = divmod(len(order), groups)
+    parts, first = [], 0
+    for group in range(groups):
+        last = first + size + (group < extra)
+        if last > first:
+            parts.append(order[first:last])
+        first = last
+    return parts
 
-    from raypo.dispersion import SequenceStats
-    from raypo.forward import sequence_stats
 
-    lengths = batch["attention_mask"].sum(1)
-    order = torch.argsort(lengths)
-    parts = []
-    for index in order.tensor_split(groups):
-        width = int(lengths[index].max())
-        keys = ("input_ids", "attention_mask", "target_ids", "target_mask")
-        sub = {key: batch[key][index, :width] for key in keys}
-        parts.append(sequence_stats(model, sub, compute_entropy=False))
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    logps = torch.cat([part.logps for part in parts])[inverse]
-    return SequenceStats(logps, None, torch.cat([part.lengths for part in parts])[inverse])
+def bucketed_step(
+    policy: Any,
+    rows: list[dict],
+    loss_config: Any,
+    pad_token_id: int,
+    groups: int,
+    reference_model: Any = None,
+) -> float:
+    """Prototype of padding-saving micro-batches: the pairs of ``rows`` (with their precomputed
+    ``ref_*`` values, or with ``reference_model`` online) in ``groups`` length-sorted
+    micro-batches (:func:`length_groups`), each collated to its own longest sequence and run
+    through :func:`raypo.step.preference_step`; each micro-batch's loss, weighted by its share of
+    the pairs, is backpropagated at once (gradient accumulation), so the gradient and the
+    returned loss are those of one step on all ``rows``, with most of the padding left out."""
+    from raypo.data.collate import collate_pairs
+    from raypo.step import preference_step
+
+    total = 0.0
+    for index in length_groups(rows, groups):
+        part = [rows[i] for i in index]
+        batch = collate_pairs({key: [r[key] for r in part] for key in part[0]}, pad_token_id)
+        loss = preference_step(policy, batch, loss_config, reference_model=reference_model).loss
+        (loss * (len(part) / len(rows))).backward()
+        total += float(loss.detach()) * len(part) / len(rows)
+    return total
 
 
 def padding_share(rows: list[dict], pairs: int, groups: int = 1) -> float:
-    """Share of the forward's token positions that are padding, over all batches of ``rows``,
-    with the ``2B`` sequences of each batch in ``groups`` length-sorted groups."""
+    """Share of the forward's token positions that are padding, over all batches of ``pairs``
+    consecutive ``rows``, with the pairs of each batch in ``groups`` length-sorted micro-batches
+    (:func:`length_groups`), each padded to its own longest sequence."""
     padded = real = 0
     for start in range(0, len(rows) - pairs + 1, pairs):
         chunk = rows[start : start + pairs]
-        lengths = sorted(
-            len(r["prompt_ids"]) + len(r[key])
-            for key in ("chosen_ids", "rejected_ids")
-            for r in chunk
-        )
-        size = -(-len(lengths) // groups)
-        for first in range(0, len(lengths), size):
-            group = lengths[first : first + size]
-            padded += len(group) * max(group)
-            real += sum(group)
+        for index in length_groups(chunk, groups):
+            lengths = [
+                len(chunk[i]["prompt_ids"]) + len(chunk[i][key])
+                for key in ("chosen_ids", "rejected_ids")
+                for i in index
+            ]
+            padded += len(lengths) * max(lengths)
+            real += sum(lengths)
     return 1 - real / padded
+
+
+def with_reference_values(rows: list[dict], columns: dict) -> list[dict]:
+    """``rows`` with the ``ref_*`` values of their batch's reference columns, one float each (as
+    the reference pass stores them)."""
+    return [
+        row | {name: float(values[index]) for name, values in columns.items()}
+        for index, row in enumerate(rows)
+    ]
 
 
 def run_raypo(
@@ -186,14 +217,14 @@ def run_raypo(
     online: bool,
     buckets: int = 1,
 ) -> SideRun:
-    """raypo's per-worker DPO step, in this process: online or precomputed reference; with
-    ``buckets`` > 1 the policy forward is the :func:`bucketed_stats` prototype."""
+    """raypo's per-worker DPO step (:func:`raypo.step.preference_step`), in this process: online
+    or precomputed reference; with ``buckets`` > 1 the :func:`bucketed_step` prototype."""
     import torch
 
     from raypo.config import LossConfig
-    from raypo.forward import preference_batch, reference_columns, sequence_stats
-    from raypo.losses import preference_loss
+    from raypo.forward import reference_columns
     from raypo.models import load_policy
+    from raypo.step import preference_step
 
     torch.manual_seed(0)
     policy, tokenizer = load_policy(str(policy_dir), "fp32")
@@ -213,18 +244,29 @@ def run_raypo(
     step_s, losses = [], []
     last = time.perf_counter()
     for index, chunk in enumerate(chunks[: len(batches)]):
-        batch = raypo_batches(chunk, settings.pairs, tokenizer.pad_token_id)[0]
-        ref = reference_columns(reference, batch) if online else columns[index]
-        if buckets > 1:
-            stats = bucketed_stats(policy, batch, buckets)
-        else:
-            stats = sequence_stats(policy, batch, compute_entropy=False)
-        loss, _ = preference_loss(loss_config, preference_batch(stats, ref, None))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if buckets > 1:
+            rows_with_ref = chunk if online else with_reference_values(chunk, columns[index])
+            online_reference = reference if online else None
+            loss = bucketed_step(
+                policy,
+                rows_with_ref,
+                loss_config,
+                tokenizer.pad_token_id,
+                buckets,
+                online_reference,
+            )
+        else:
+            batch = raypo_batches(chunk, settings.pairs, tokenizer.pad_token_id)[0]
+            if online:
+                result = preference_step(policy, batch, loss_config, reference_model=reference)
+            else:
+                result = preference_step(policy, batch | columns[index], loss_config)
+            result.loss.backward()
+            loss = float(result.loss.detach())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.max_grad_norm)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         now = time.perf_counter()
         step_s.append(now - last)
         last = now
@@ -522,8 +564,9 @@ def _findings(table: list[dict], settings: Settings, rows: list[dict]) -> list[s
     lines.append(
         f"Padding: {100 * padding_share(timed, settings.pairs):.0f}% of the forward's token "
         f"positions in the timed batches (both sides pad to the batch's longest sequence); "
-        f"{100 * padding_share(timed, settings.pairs, BUCKETS):.0f}% with the {2 * settings.pairs} "
-        f"sequences in {BUCKETS} length-sorted groups (the bucketed prototype)."
+        f"{100 * padding_share(timed, settings.pairs, BUCKETS):.0f}% with the "
+        f"{settings.pairs} pairs in {BUCKETS} length-sorted micro-batches (the bucketed "
+        "prototype)."
     )
     return lines
 

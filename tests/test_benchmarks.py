@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402
+import loss_timing  # noqa: E402
 import mallows_bandit  # noqa: E402
 import mixdpo_recovery  # noqa: E402
 import summarize  # noqa: E402
@@ -23,6 +24,7 @@ import tune_overhead  # noqa: E402
 
 from raypo.config import load_config  # noqa: E402
 from raypo.losses import mallows_phi_link  # noqa: E402
+from raypo.objectives import OBJECTIVES  # noqa: E402
 from raypo.tune.results import TrialRow, write_tables  # noqa: E402
 
 
@@ -168,3 +170,13 @@ def test_tune_overhead_reads_the_trials_and_searched_keys_of_a_sweep(tmp_path: P
         "--loss.dispersion_scale=0.5",
     ]
     assert float(trials[0][tune_overhead.METRIC]) == 0.625 and trials[0]["trial"] == "a_00001"
+
+
+def test_loss_timing_times_every_registered_objective() -> None:
+    cases = loss_timing._cases(16)
+    assert {name.split(" ")[0] for name in cases} == set(OBJECTIVES)
+    assert sum(name.startswith("mixdpo") for name in cases) == len(loss_timing.MIXDPO_POINTS)
+    for name, (loss, h) in cases.items():
+        leaf = h.clone().requires_grad_(True)
+        loss(leaf).mean().backward()
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), name

@@ -137,17 +137,43 @@ def test_hh_split_is_disjoint_and_fixed(raypo_cache: str) -> None:
     assert train == again
 
 
-def test_bucketed_prototype_matches_one_padded_forward(micro: dict) -> None:
-    from raypo.forward import sequence_stats
+def test_bucketed_prototype_matches_one_step_on_the_whole_batch(micro: dict) -> None:
+    from raypo.config import LossConfig
+    from raypo.forward import reference_columns
     from raypo.models import load_policy
+    from raypo.step import preference_step
 
-    model, _ = load_policy(str(micro["policy"]), "fp32")
-    batch = tvt.raypo_batches(micro["rows"], 4, micro["tokenizer"].pad_token_id)[0]
-    with torch.no_grad():
-        whole = sequence_stats(model, batch, compute_entropy=False)
-        bucketed = tvt.bucketed_stats(model, batch, groups=3)
-    assert torch.equal(bucketed.lengths, whole.lengths)
-    torch.testing.assert_close(bucketed.logps, whole.logps, rtol=0, atol=1e-3)
+    pad = micro["tokenizer"].pad_token_id
+    rows = micro["rows"][:4]
+    reference, _ = load_policy(str(micro["reference"]), "fp32")
+    batch = tvt.raypo_batches(rows, 4, pad)[0]
+    columns = reference_columns(reference, batch)
+    config = LossConfig(type="dpo", beta=0.1)
+    gradients = []
+    for bucketed in (False, True):
+        model, _ = load_policy(str(micro["policy"]), "fp32")
+        if bucketed:
+            rows_with_ref = tvt.with_reference_values(rows, columns)
+            loss = tvt.bucketed_step(model, rows_with_ref, config, pad, groups=3)
+        else:
+            result = preference_step(model, batch | columns, config)
+            result.loss.backward()
+            loss = float(result.loss.detach())
+        gradients.append((loss, [p.grad for p in model.parameters()]))
+    (whole, whole_grads), (bucketed, bucketed_grads) = gradients
+    assert bucketed == pytest.approx(whole, abs=1e-6)
+    for ours, theirs in zip(bucketed_grads, whole_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_length_groups_sort_pairs_by_their_longer_sequence() -> None:
+    rows = [
+        {"prompt_ids": [1] * p, "chosen_ids": [2] * c, "rejected_ids": [3] * r}
+        for p, c, r in [(1, 9, 1), (1, 1, 2), (2, 3, 1), (1, 1, 1), (1, 2, 6)]
+    ]
+    # Longer sequences 10, 3, 5, 2, 7: sorted 3, 1, 2, 4, 0; five pairs in 2 groups of 3 + 2.
+    assert tvt.length_groups(rows, 2) == [[3, 1, 2], [4, 0]]
+    assert tvt.length_groups(rows[:2], 4) == [[1], [0]]
 
 
 def test_padding_share_counts_positions_per_group() -> None:
@@ -155,7 +181,14 @@ def test_padding_share_counts_positions_per_group() -> None:
         {"prompt_ids": [1], "chosen_ids": [2] * 3, "rejected_ids": [3]},
         {"prompt_ids": [1], "chosen_ids": [2] * 7, "rejected_ids": [3] * 5},
     ]
-    # Lengths 2, 4, 6, 8: one group pads to 4 x 8 = 32 positions for 20 tokens; two groups
-    # (2, 4) and (6, 8) pad to 8 + 16 = 24.
+    # Lengths 4, 2 and 8, 6: one group pads 4 sequences to 8 = 32 positions for 20 tokens; a
+    # micro-batch per pair pads 2 x 4 + 2 x 8 = 24.
     assert tvt.padding_share(rows, 2) == pytest.approx(1 - 20 / 32)
     assert tvt.padding_share(rows, 2, groups=2) == pytest.approx(1 - 20 / 24)
+    # A pair's chosen and rejected share a micro-batch: lengths 2, 8 and 4, 6 pad to
+    # 2 x 6 + 2 x 8 = 28, not the 24 of sorting the sequences on their own.
+    crossed = [
+        {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3] * 7},
+        {"prompt_ids": [1], "chosen_ids": [2] * 3, "rejected_ids": [3] * 5},
+    ]
+    assert tvt.padding_share(crossed, 2, groups=2) == pytest.approx(1 - 20 / 28)
