@@ -20,6 +20,7 @@ Only torch is imported; importing this module does no work.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -168,22 +169,31 @@ def dispersion_phi(weight: Tensor) -> Tensor:
     return torch.exp(-weight)
 
 
+LogitsTransform = Callable[[Tensor], Tensor]
+"""An elementwise map of a chunk of logits ``[n, V]`` (e.g. a model's final-logit softcapping)."""
+
+
 def _chunk_stats(
     inputs: Tensor,
     labels: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     compute_entropy: bool,
+    transform: LogitsTransform | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Label log-probs ``[n]`` and entropies ``[n]`` (or None) of one chunk of positions.
 
     ``inputs`` is ``[n, V]`` logits when ``weight`` is None, else ``[n, H]`` hidden states whose
     logits are ``inputs @ weight.T + bias`` in the hidden dtype (as the model's own lm-head would
-    compute them), then upcast.
+    compute them); ``transform`` (if any) maps those logits in their own dtype, then they are
+    upcast.
     """
     logits = inputs if weight is None else F.linear(inputs, weight, bias)
+    if transform is not None:
+        logits = transform(logits)
     # Rebinding, then deleting, `logits` frees each pre-softmax buffer as soon as its successor
-    # exists: at most two [n, V] buffers are alive at once, here and in the entropy.
+    # exists: at most two [n, V] buffers are alive at once, here and in the entropy (three while
+    # a transform such as softcap(z) = c tanh(z / c) holds its input and an intermediate).
     logits = logits.to(_compute_dtype(logits.dtype))
     logp = torch.log_softmax(logits, dim=-1)
     del logits
@@ -221,6 +231,18 @@ def _resolve_source(
     return source, vocab
 
 
+def _require_agreement(
+    labels: Tensor, mask: Tensor, source: Tensor, chunk_size: int, vocab: int
+) -> None:
+    if labels.shape != mask.shape or source.shape[:2] != mask.shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)}, mask {tuple(mask.shape)} and the model output "
+            f"{tuple(source.shape)} must agree on [batch, seq]"
+        )
+    _require_chunk_size(chunk_size)
+    _require_vocab(vocab)
+
+
 def _gather_labels(labels: Tensor, flat_index: Tensor, vocab: int) -> Tensor:
     selected = labels.reshape(-1).index_select(0, flat_index)
     bad = (selected < 0) | (selected >= vocab)
@@ -239,6 +261,7 @@ def _chunked_token_stats(
     bias: Tensor | None,
     chunk_size: int,
     compute_entropy: bool,
+    transform: LogitsTransform | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`_chunk_stats` over ``[N, D]`` gathered positions, ``chunk_size`` rows at a time;
     checkpointed per chunk when a gradient is needed. Returns ``[N]`` log-probs and entropies."""
@@ -249,7 +272,7 @@ def _chunked_token_stats(
     for chunk, chunk_labels in zip(
         inputs.split(chunk_size), targets.split(chunk_size), strict=True
     ):
-        args = (chunk, chunk_labels, weight, bias, compute_entropy)
+        args = (chunk, chunk_labels, weight, bias, compute_entropy, transform)
         if needs_grad:
             logp, entropy = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
@@ -270,6 +293,7 @@ def sequence_logps_and_entropy(
     lm_head_bias: Tensor | None = None,
     chunk_size: int = 1024,
     compute_entropy: bool = True,
+    logits_transform: LogitsTransform | None = None,
 ) -> SequenceStats:
     """Summed label log-probs and ``Hn(y)`` per sequence, chunked over completion positions.
 
@@ -305,6 +329,9 @@ def sequence_logps_and_entropy(
             (``benchmarks/memory_entropy.py``).
         compute_entropy: also return ``hn``; the entropy is computed without grad since only the
             reference model's is used. Requires every sequence to have a completion position.
+        logits_transform: what the model's forward does to the lm-head's output (e.g. Gemma-2's
+            softcapping), applied to each chunk's logits in their dtype before the upcast; it
+            must be elementwise (so per-chunk equals full) and keep ``V``. None = identity.
 
     Returns:
         :class:`SequenceStats` ``(logps [B], hn [B] | None, lengths [B])``.
@@ -315,13 +342,7 @@ def sequence_logps_and_entropy(
             ``[0, V)``; ``compute_entropy`` with an all-zero mask row.
     """
     source, vocab = _resolve_source(logits, hidden_states, lm_head_weight, lm_head_bias)
-    if labels.shape != mask.shape or source.shape[:2] != mask.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)}, mask {tuple(mask.shape)} and the model output "
-            f"{tuple(source.shape)} must agree on [batch, seq]"
-        )
-    _require_chunk_size(chunk_size)
-    _require_vocab(vocab)
+    _require_agreement(labels, mask, source, chunk_size, vocab)
     flat_index, rows, lengths = _masked_positions(mask)
     if compute_entropy:
         _require_nonempty(lengths)
@@ -329,7 +350,7 @@ def sequence_logps_and_entropy(
     inputs = source.reshape(-1, source.shape[-1]).index_select(0, flat_index)
     weight, bias = (None, None) if logits is not None else (lm_head_weight, lm_head_bias)
     token_logp, token_entropy = _chunked_token_stats(
-        inputs, targets, weight, bias, chunk_size, compute_entropy
+        inputs, targets, weight, bias, chunk_size, compute_entropy, logits_transform
     )
     zeros = token_logp.new_zeros(mask.shape[0])
     logps = zeros.index_add(0, rows, token_logp)

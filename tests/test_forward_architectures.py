@@ -1,0 +1,306 @@
+"""Parity matrix: raypo's chunked log-probs, entropies and training step against each model's own
+``forward`` (``log_softmax(model(input_ids).logits)``), in float64, over tiny random configs of
+the causal LM architectures raypo is used with, including those whose ``forward`` changes the
+lm-head's output (Gemma-2/3 softcapping, Granite's ``logits_scaling``, Cohere's ``logit_scale``).
+
+Every model's lm-head weight is scaled by 30 so that its logits reach tens of nats: at that size
+the final-logit transforms change the log-probs by far more than the tolerances (checked by
+``test_the_matrix_is_sensitive_to_each_transform``), so the matrix fails when a transform is
+missing. The expected values are computed here, one unpadded sequence at a time, from the
+model's own logits; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import Tensor, nn
+
+from raypo.config import LossConfig
+from raypo.data.collate import collate_pairs
+from raypo.dispersion import sequence_logps_and_entropy
+from raypo.forward import (
+    HEAD_TRANSFORMS,
+    UnsupportedModelError,
+    head_transform,
+    reference_columns,
+    sequence_stats,
+)
+from raypo.step import ForwardSettings, preference_step
+
+VOCAB = 320
+PAD = 2
+HEAD_SCALE = 30.0
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=PAD,
+)
+MOE = dict(num_experts_per_tok=2, experts_implementation="eager")  # grouped_mm has no float64
+
+ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 30.0}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"final_logit_softcapping": 30.0}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),  # an lm-head with a bias
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    ),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, num_local_experts=4)),
+}
+TRANSFORMED = ["gemma2", "gemma3_text", "granite", "cohere"]
+"""The architectures whose forward changes the lm-head's output."""
+
+# Two pairs of different lengths: right padding in the collated batch, completions of 2 to 6.
+COLUMNS = {
+    "prompt_ids": [[5, 6, 7], [8, 9, 10, 11, 12]],
+    "chosen_ids": [[20, 21, 22, 23], [30, 31]],
+    "rejected_ids": [[40, 41], [50, 51, 52, 53, 54, 55]],
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A float64, eval-mode tiny model of architecture ``name`` with its lm-head scaled up."""
+    config_name, model_name, extra = ARCHITECTURES[name]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config).double().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(HEAD_SCALE)
+    return model
+
+
+def own_stats(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """Summed completion log-probs and Hn of the 2B sequences (chosen first), one unpadded
+    sequence at a time from ``log_softmax(model(input_ids).logits)`` in float64; differentiable."""
+    logps, hns = [], []
+    for half in ("chosen_ids", "rejected_ids"):
+        for prompt, completion in zip(COLUMNS["prompt_ids"], COLUMNS[half], strict=True):
+            ids = torch.tensor([prompt + completion])
+            logits = model(input_ids=ids).logits[0].double()
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+            logps.append(logp.gather(1, torch.tensor(completion)[:, None]).sum())
+            entropy = -(logp.exp() * logp).sum(-1).detach()
+            hns.append(entropy.mean() / math.log(logits.shape[-1]))
+    return torch.stack(logps), torch.stack(hns)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core runner the thread pool's
+    contention made this module 5x slower (35 s against 6 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, Tensor]:
+    return collate_pairs(COLUMNS, PAD)
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, nn.Module]:
+    """(name, policy, reference): two differently seeded models of one architecture."""
+    return request.param, build(request.param, seed=0), build(request.param, seed=1)
+
+
+def own_batch_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The same log-probs from one forward of the model over the padded batch: the reference for
+    gradients, whose sums over positions (float32 in some models' norms, e.g. Cohere's) would
+    otherwise differ from the unpadded ones in their rounding alone."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    picked = logp.gather(-1, batch["target_ids"].unsqueeze(-1)).squeeze(-1)
+    return (picked * batch["target_mask"]).sum(dim=1)
+
+
+@pytest.mark.parametrize("partitioned_head", [False, True], ids=["weight", "module"])
+def test_logps_entropy_and_gradients_equal_the_models_own(case, batch, partitioned_head) -> None:
+    """Values to 1e-12 relative; gradients of a fixed combination of the log-probs to 1e-9 of
+    each parameter's largest gradient entry."""
+    name, model, _ = case
+    stats = sequence_stats(model, batch, chunk_size=3, partitioned_head=partitioned_head)
+    expected_logps, expected_hn = own_stats(model)
+    np.testing.assert_allclose(stats.logps.detach(), expected_logps.detach(), rtol=1e-12)
+    np.testing.assert_allclose(stats.hn, expected_hn, rtol=1e-12)
+    weights = torch.linspace(-1.0, 1.5, 4, dtype=torch.float64)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    ours = torch.autograd.grad((weights * stats.logps).sum(), params, allow_unused=True)
+    own = own_batch_logps(model, batch)
+    theirs = torch.autograd.grad((weights * own).sum(), params, allow_unused=True)
+    for param_name, got, want in zip(names, ours, theirs, strict=True):
+        if want is None:  # e.g. an expert no token was routed to
+            assert got is None or not got.any(), param_name
+            continue
+        scale = float(want.abs().max().clamp_min(1e-300))
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * scale, msg=param_name)
+
+
+def test_reference_columns_equal_the_models_own(case, batch) -> None:
+    """The float32 reference columns round the float64 values once (2^-24 relative)."""
+    _, model, _ = case
+    columns = reference_columns(model, batch, chunk_size=4)
+    logps, hns = own_stats(model)
+    logps, hns = logps.detach().numpy(), hns.numpy()
+    got_logps = np.concatenate([columns["ref_chosen_logps"], columns["ref_rejected_logps"]])
+    got_hn = np.concatenate([columns["ref_hn_chosen"], columns["ref_hn_rejected"]])
+    np.testing.assert_allclose(got_logps, logps, rtol=2**-23)
+    np.testing.assert_allclose(got_hn, hns, rtol=2**-23)
+
+
+def test_training_step_loss_equals_the_models_own(case, batch) -> None:
+    """MallowsPO-theta with an online reference: ``mean log(1 + exp(-beta w h))`` with
+    ``h = (pi_w - ref_w) - (pi_l - ref_l)`` and ``w = -c ln((Hn_w + Hn_l) / 2)`` of the
+    reference, all from the models' own logits. The reference values enter the step as float32
+    columns, and ``w`` is computed from them in float32: so here too."""
+    _, policy, reference = case
+    config = LossConfig(type="mallows_theta", beta=0.1, dispersion_scale=0.5)
+    result = preference_step(
+        policy, batch, config, reference_model=reference, forward=ForwardSettings(chunk_size=3)
+    )
+    with torch.no_grad():
+        pol, _ = own_stats(policy)
+        ref, ref_hn = (values.float() for values in own_stats(reference))
+    h = (pol[:2] - ref[:2]) - (pol[2:] - ref[2:])
+    w = -0.5 * torch.log(((ref_hn[:2] + ref_hn[2:]) / 2).clamp_min(1e-6))
+    expected = float(torch.nn.functional.softplus(-0.1 * w.double() * h).mean())
+    assert float(result.loss.detach()) == pytest.approx(expected, rel=1e-12)
+    assert result.loss.requires_grad
+
+
+@pytest.mark.parametrize("name", TRANSFORMED)
+def test_the_matrix_is_sensitive_to_each_transform(name: str, batch) -> None:
+    """Without the model's final-logit transform the log-probs are off by far more than the
+    matrix's tolerances, and raypo refuses the model when its registry entry is missing."""
+    model = build(name)
+    assert head_transform(model).after is not None
+    hidden = model.base_model(**{k: batch[k] for k in ("input_ids", "attention_mask")})[0]
+    untransformed = sequence_logps_and_entropy(
+        batch["target_ids"],
+        batch["target_mask"],
+        hidden_states=hidden,
+        lm_head_weight=model.get_output_embeddings().weight,
+    )
+    expected_logps, expected_hn = own_stats(model)
+    assert (untransformed.logps - expected_logps).abs().max() > 1e-3 * expected_logps.abs().max()
+    assert ((untransformed.hn - expected_hn) / expected_hn).abs().max() > 1e-3
+    registry = {k: v for k, v in HEAD_TRANSFORMS.items() if k != type(model).__name__}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("raypo.forward.HEAD_TRANSFORMS", registry)
+        with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__} .*'{name}'"):
+            sequence_stats(build(name), batch)
+
+
+class _DoubledLlama(transformers.LlamaForCausalLM):
+    """A causal LM whose forward changes its logits in a way raypo does not know."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 2
+        return output
+
+
+class _ScaledHead(nn.Linear):
+    def forward(self, hidden: Tensor) -> Tensor:
+        return super().forward(hidden) * 0.5
+
+
+def _llama(model_class: type = transformers.LlamaForCausalLM) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return model_class(transformers.LlamaConfig(**COMMON)).double().eval()
+
+
+def test_unknown_transforms_are_refused_naming_the_model(batch) -> None:
+    named = r"_DoubledLlama \(model_type 'llama'\).*changes the lm-head's output"
+    with pytest.raises(UnsupportedModelError, match=named):
+        sequence_stats(_llama(_DoubledLlama), batch)
+
+
+def test_a_head_with_its_own_forward_is_refused_unless_it_runs_as_a_module(batch) -> None:
+    """From the weight alone raypo cannot apply a head's own forward; run as a module (the
+    ZeRO-3 path, ``partitioned_head``) the head's forward is what it computes."""
+    model = _llama()
+    head = _ScaledHead(64, VOCAB, bias=False).double()
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight * HEAD_SCALE)
+    model.lm_head = head
+    with pytest.raises(UnsupportedModelError, match="_ScaledHead overrides nn.Linear.forward"):
+        sequence_stats(model, batch)
+    stats = sequence_stats(model, batch, partitioned_head=True)
+    with torch.no_grad():
+        expected_logps, expected_hn = own_stats(model)
+    np.testing.assert_allclose(stats.logps.detach(), expected_logps, rtol=1e-12)
+    np.testing.assert_allclose(stats.hn, expected_hn, rtol=1e-12)
+
+
+def test_the_check_runs_once_and_restores_training_mode(batch) -> None:
+    model = _llama().train()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    sequence_stats(model, batch)
+    sequence_stats(model, batch)
+    assert len(calls) == 1  # the model's own forward ran once, for the check
+    assert all(module.training for module in model.modules())
+
+
+def test_the_transform_keeps_the_chunked_memory_saving() -> None:
+    """With Gemma-2's softcapping inside the chunks, the forward still saves for backward only
+    the gathered hidden states and indices, not the fp32 logits ([N, V], N * V * 4 bytes) that a
+    full softcapped log_softmax saves. (Peak RSS, forward + backward, B=4, T=512, V=32000,
+    chunks of 64, MALLOC_MMAP_THRESHOLD_=65536: 51 MiB with softcapping against 43 MiB without
+    and 1261 MiB for the full softcapped logits; measured once when the transform was added.)"""
+    from test_dispersion import _new_saved_bytes
+
+    generator = torch.Generator().manual_seed(5)
+    rows, seq, hidden_size, vocab = 2, 128, 32, 4096
+    hidden = torch.randn(rows, seq, hidden_size, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=generator, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows, seq), generator=generator)
+    mask = torch.ones(rows, seq)
+    transform = head_transform(build("gemma2")).after
+
+    def chunked() -> Tensor:
+        return sequence_logps_and_entropy(
+            labels,
+            mask,
+            hidden_states=hidden,
+            lm_head_weight=weight,
+            chunk_size=32,
+            logits_transform=transform,
+        ).logps
+
+    def full() -> Tensor:
+        logp = torch.log_softmax(transform(hidden @ weight.T), dim=-1)
+        return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(1)
+
+    logits_bytes = rows * seq * vocab * 4
+    assert _new_saved_bytes(full, [hidden, weight]) >= logits_bytes
+    assert _new_saved_bytes(chunked, [hidden, weight]) < logits_bytes / 50
