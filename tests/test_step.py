@@ -16,6 +16,7 @@ from hh_pairs import hh_columns
 from raypo.config import LossConfig
 from raypo.data.collate import collate_pairs
 from raypo.forward import reference_columns
+from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_policy
 from raypo.objectives import OBJECTIVES
 from raypo.step import preference_step
@@ -51,6 +52,13 @@ def _float64_stats(model, columns) -> tuple[np.ndarray, np.ndarray]:
     return np.array(logps), np.array(hns)
 
 
+def _strength(name: str, mean: float) -> StrengthDistribution | None:
+    """MixDPO's strength distribution (CV 0.5) for an objective that learns one, else None."""
+    if not OBJECTIVES[name].learns_strength:
+        return None
+    return StrengthDistribution("lognormal", mean, 0.5)
+
+
 def test_mallows_theta_step_equals_an_independent_float64_computation(models_and_batch) -> None:
     """loss = mean -log sigma(beta w h), w = -c ln((Hn_w + Hn_l) / 2) from the reference."""
     policy, reference, columns, pad = models_and_batch
@@ -79,11 +87,7 @@ def test_precomputed_columns_and_online_reference_give_the_same_step(
 ) -> None:
     policy, reference, columns, pad = models_and_batch
     config = LossConfig(type=name, dispersion_scale=3.0)
-    strength = None
-    if OBJECTIVES[name].learns_strength:
-        from raypo.mixdpo import StrengthDistribution
-
-        strength = StrengthDistribution("lognormal", 0.1, 0.5)
+    strength = _strength(name, mean=0.1)
     batch = collate_pairs(columns, pad)
     with torch.no_grad():
         online = preference_step(
@@ -112,11 +116,7 @@ def test_each_objective_reads_exactly_the_settings_it_declares(models_and_batch,
     batch = collate_pairs(columns, pad)
     batch |= reference_columns(reference, batch)
     base = LossConfig(type=name, beta=0.5, gamma=0.3, label_smoothing=0.1, dispersion_scale=3.0)
-    strength = None
-    if OBJECTIVES[name].learns_strength:
-        from raypo.mixdpo import StrengthDistribution
-
-        strength = StrengthDistribution("lognormal", 0.5, 0.5)
+    strength = _strength(name, mean=0.5)
     changed = {"beta": 0.7, "gamma": 0.6, "label_smoothing": 0.2, "dispersion_scale": 1.5}
     with torch.no_grad():
         reference_loss = float(preference_step(policy, batch, base, strength=strength).loss)
