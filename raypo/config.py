@@ -34,6 +34,7 @@ from raypo.config_base import (
     load_tree,
     unknown_choice,
 )
+from raypo.config_inputs import DataConfig, ModelConfig
 from raypo.objectives import OBJECTIVES, reference_free_objectives
 
 __all__ = [
@@ -59,137 +60,6 @@ __all__ = [
 ]
 
 _REPORTERS = ["tensorboard", "wandb", "mlflow"]
-
-
-@dataclass(frozen=True)
-class ModelConfig(Section):
-    """The policy model: which weights, in which precision, with which attention."""
-
-    SECTION: ClassVar[str] = "model"
-
-    name_or_path: str = "tiny"
-    """Policy to start from: a hub id (``EleutherAI/pythia-2.8b``), a directory written by
-    ``save_pretrained``, or ``tiny`` = the embedded ~150k-parameter Llama model and 512-token BPE
-    tokenizer that :func:`raypo.models.resolve_model_path` builds offline (cached under
-    ``$RAYPO_CACHE_DIR``). All objectives."""
-    tokenizer_name_or_path: str | None = None
-    """Tokenizer to use; null = the one stored with ``name_or_path``."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Precision of the weights and of DeepSpeed's mixed-precision training: fp32 or bf16 on CPU
-    (DeepSpeed's CPU backend has no fp16), bf16 on Ampere or newer GPUs. Log-probs, entropies and
-    losses are computed in float32 or wider whatever this is."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 30% more compute."""
-    trust_remote_code: bool = False
-    """Let ``from_pretrained`` run Python code shipped with a hub model; off = only models that
-    transformers itself implements load."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to ``from_pretrained``; ``flash_attention_2`` needs a GPU and the
-    flash-attn package."""
-    tiny_fit_steps: int = bounded(0, ">= 0")
-    """Only for ``name_or_path: tiny``: optimizer steps of next-token fitting on the training
-    data's chosen responses before preference training, so that the reference (the fitted model)
-    is not random; 0 = keep the random initialisation."""
-
-    @property
-    def tokenizer_path(self) -> str:
-        """The tokenizer to load: ``tokenizer_name_or_path``, else ``name_or_path``."""
-        if self.tokenizer_name_or_path is None:
-            return self.name_or_path
-        return self.tokenizer_name_or_path
-
-    def _validate(self) -> None:
-        self._require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")
-
-
-@dataclass(frozen=True)
-class DataConfig(Section):
-    """Where the preference pairs come from; how they are checked, tokenised and split."""
-
-    SECTION: ClassVar[str] = "data"
-
-    path: str = "builtin:hh_sample"
-    """Training data: a file, glob or directory of shards (JSONL, Parquet), a directory written by
-    ``datasets.save_to_disk``, a ``datasets.load_dataset`` name, or ``builtin:NAME`` = a sample
-    shipped in the package (``builtin:hh_sample``: 400 raw HH-RLHF harmless pairs)."""
-    format: Literal["auto", "jsonl", "parquet", "hf_disk", "hf"] = "auto"
-    """How ``path`` is stored: ``jsonl`` / ``parquet`` files, ``hf_disk`` (a ``save_to_disk``
-    directory) or ``hf`` (``datasets.load_dataset(path)``). ``auto`` decides from the path (file
-    suffixes, a ``dataset_info.json``, ``builtin:``); anything else is ``hf``."""
-    schema: Literal["auto", "pairs", "hh", "conversational"] = "auto"
-    """Shape of a row. ``pairs``: prompt/chosen/rejected strings. ``hh``: chosen/rejected each a
-    whole raw HH dialogue (``\\n\\nHuman:`` / ``\\n\\nAssistant:``), split at the last shared
-    Assistant turn. ``conversational``: chat message lists (role/content) rendered with the
-    tokenizer's chat template; prompt messages repeated at the start of chosen/rejected (as in
-    UltraFeedback binarized) are removed. ``auto`` decides from the first rows."""
-    hf_name: str | None = None
-    """Dataset configuration name given to ``load_dataset`` (``format: hf``); null = none. When
-    ``path`` is a local file or glob, the builder reading it as ``data_files`` (``json``,
-    ``parquet``, ``csv``; null = from the suffix): ``format: hf, hf_name: json, path: x.jsonl``
-    is ``load_dataset("json", data_files="x.jsonl", split=split)``."""
-    hf_data_dir: str | None = None
-    """``data_dir`` given to ``load_dataset`` (``format: hf``), e.g. ``harmless-base`` of
-    Anthropic/hh-rlhf; null = the whole dataset."""
-    split: str = "train"
-    """Split to train on, for sources with splits (``hf``, ``hf_disk``)."""
-    eval_split: str | None = None
-    """Split of held-out pairs (``test_prefs`` of UltraFeedback binarized); null = hold out
-    ``eval_fraction`` of the training rows instead."""
-    eval_fraction: float = bounded(0.05, "[0, 1)")
-    """Fraction of the training rows held out for evaluation when ``eval_split`` is null, drawn
-    with the run's ``seed``; 0 = no held-out pairs."""
-    prompt_field: str = "prompt"
-    """Column of the prompt (string or message list); unused by ``schema: hh``."""
-    chosen_field: str = "chosen"
-    """Column of the preferred completion (the whole dialogue for ``schema: hh``)."""
-    rejected_field: str = "rejected"
-    """Column of the dispreferred completion (the whole dialogue for ``schema: hh``)."""
-    group_field: str | None = None
-    """Optional column naming a pair's group (annotator group, region, persona); evaluation
-    reports accuracy per group. null = no groups."""
-    id_field: str | None = None
-    """Optional column of unique pair ids; null = ids made from source file and row number."""
-    max_rows: int | None = bounded(None, ">= 1")
-    """Read at most this many rows of ``path`` (quick trials); null = all."""
-    max_length: int = bounded(512, ">= 2")
-    """Tokens of prompt + completion per sequence after truncation."""
-    max_prompt_length: int = bounded(256, ">= 1")
-    """Tokens kept of the prompt (cut per ``truncation_mode``); less than ``max_length``."""
-    max_completion_length: int | None = bounded(None, ">= 1")
-    """Tokens kept of each completion (cut at its end); null = ``max_length`` minus the prompt's
-    tokens."""
-    truncation_mode: Literal["keep_end", "keep_start", "reject"] = "keep_end"
-    """What happens to a prompt over ``max_prompt_length``: ``keep_end`` keeps its last tokens
-    (the last turns, next to the completion; a leading BOS stays), ``keep_start`` its first
-    tokens, ``reject`` rejects the pair (reason ``prompt_too_long``)."""
-    append_eos: bool = True
-    """End each completion with the tokenizer's EOS token, counted in its length, unless it ends
-    with EOS already (chat pairs: unless the template's rendering of the turn holds EOS), so that
-    the policy learns to stop. Cut by completion truncation like any other token."""
-    max_reject_fraction: float = bounded(0.1, "[0, 1]")
-    """Stop before training when more than this fraction of the rows read is rejected (malformed,
-    empty, identical chosen and rejected, prompt over budget)."""
-    shuffle: bool = True
-    """Shuffle the training pairs, deterministically from the run's ``seed`` and the pair ids;
-    every epoch goes through them in that order. false = the order the prepared files hold them
-    in (the read order, except after a precomputed reference pass, whose actors write in the
-    order they finish)."""
-    preserve_order: bool = True
-    """Keep Ray Data's row order through preparation, the reference pass and the split over the
-    workers, so that a run is a function of its config and seed: the same pairs reach the same
-    rank at the same step. false lets blocks flow in completion order (less waiting on slow
-    tasks on a large cluster) and gives up that reproducibility."""
-    num_cpus_per_op: float = bounded(0.25, "> 0")
-    """CPUs Ray Data reserves per read/tokenise task; fractional so that data and training
-    workers share a small machine."""
-
-    def _validate(self) -> None:
-        self._require(bool(self.path.strip()), "path", "must not be empty")
-        self._require(
-            self.max_prompt_length < self.max_length,
-            "max_prompt_length",
-            f"must be < data.max_length ({self.max_length})",
-        )
 
 
 @dataclass(frozen=True)
@@ -559,7 +429,7 @@ def field_index() -> dict[str, Any]:
 
 def field_help() -> list[FieldHelp]:
     """Every settable field with its type, range, default and docstring, in declaration order."""
-    return describe_fields(RaypoConfig, __file__)
+    return describe_fields(RaypoConfig)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> RaypoConfig:

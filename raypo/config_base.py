@@ -352,12 +352,14 @@ class FieldHelp:
     """The field's docstring on one line."""
 
 
-def describe_fields(root: type, source_file: str) -> list[FieldHelp]:
-    """Every settable field of ``root`` (classes defined in ``source_file``), in order."""
+def describe_fields(root: type) -> list[FieldHelp]:
+    """Every settable field of ``root`` and its nested sections, in order, documented from the
+    source file of the class that declares each field."""
     rows = []
     for key, annotation in index_fields(root).items():
         cls, spec = _field_spec(root, key)
         default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        source_file = inspect.getsourcefile(cls)
         doc = attribute_docstrings(source_file, cls.__name__).get(spec.name, "")
         bounds = spec.metadata.get("bounds")
         rows.append(FieldHelp(key, describe_type(annotation), bounds, default, doc))

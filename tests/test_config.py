@@ -4,11 +4,11 @@ ConfigError naming the key, the value and the source (file or command line)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 
-import raypo.config
 from raypo.config import (
     SECTIONS,
     ConfigError,
@@ -286,7 +286,7 @@ def test_derived_paths_resolve_from_their_templates() -> None:
 def test_every_field_has_a_docstring() -> None:
     classes = [RaypoConfig, *SECTIONS.values()]
     for cls in classes:
-        docs = attribute_docstrings(raypo.config.__file__, cls.__name__)
+        docs = attribute_docstrings(inspect.getsourcefile(cls), cls.__name__)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     rows = field_help()
