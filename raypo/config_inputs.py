@@ -6,9 +6,14 @@ Re-exported by :mod:`raypo.config`, which holds the other sections and the loadi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
-from raypo.config_base import Section, bounded
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from raypo.config_base import ConfigError, Section, bounded
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,16 @@ class DataConfig(Section):
     """How ``path`` is stored: ``jsonl`` / ``parquet`` files, ``hf_disk`` (a ``save_to_disk``
     directory) or ``hf`` (``datasets.load_dataset(path)``). ``auto`` decides from the path (file
     suffixes, a ``dataset_info.json``, ``builtin:``); anything else is ``hf``."""
-    schema: Literal["auto", "pairs", "hh", "conversational"] = "auto"
+    schema: Literal["auto", "pairs", "hh", "implicit", "conversational"] = "auto"
     """Shape of a row. ``pairs``: prompt/chosen/rejected strings. ``hh``: chosen/rejected each a
     whole raw HH dialogue (``\\n\\nHuman:`` / ``\\n\\nAssistant:``), split at the last shared
-    Assistant turn. ``conversational``: chat message lists (role/content) rendered with the
-    tokenizer's chat template; prompt messages repeated at the start of chosen/rejected (as in
-    UltraFeedback binarized) are removed. ``auto`` decides from the first rows."""
+    Assistant turn. ``implicit``: chosen/rejected strings that both start with the prompt (TRL's
+    implicit prompt), split where they first differ as TRL's ``extract_prompt`` does.
+    ``conversational``: chat message lists (role/content, a content may be a list of text parts)
+    rendered with the chat template; prompt messages repeated at the start of chosen/rejected (as
+    in UltraFeedback binarized) are removed. ``auto`` decides per row: message lists ->
+    conversational, a prompt column -> pairs, else hh when both hold ``\\n\\nAssistant:``, else
+    implicit."""
     hf_name: str | None = None
     """Dataset configuration name given to ``load_dataset`` (``format: hf``); null = none. When
     ``path`` is a local file or glob, the builder reading it as ``data_files`` (``json``,
@@ -112,6 +121,11 @@ class DataConfig(Section):
     """What happens to a prompt over ``max_prompt_length``: ``keep_end`` keeps its last tokens
     (the last turns, next to the completion; a leading BOS stays), ``keep_start`` its first
     tokens, ``reject`` rejects the pair (reason ``prompt_too_long``)."""
+    chat_template: str | None = None
+    """Jinja chat template to render message pairs with instead of the tokenizer's own (needed
+    when the tokenizer has none): the template itself, or the path of a file holding it, read
+    when the config is loaded so that the resolved config, the workers and the reference cache's
+    fingerprint all see its text. null = the tokenizer's template."""
     append_eos: bool = True
     """End each completion with the tokenizer's EOS token, counted in its length, unless it ends
     with EOS already (chat pairs: unless the template's rendering of the turn holds EOS), so that
@@ -140,3 +154,52 @@ class DataConfig(Section):
             "max_prompt_length",
             f"must be < data.max_length ({self.max_length})",
         )
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", self._read_chat_template())
+
+    def _read_chat_template(self) -> str:
+        """The text of ``chat_template`` (read from its file when it names one), once it
+        compiles as transformers compiles templates."""
+        value = self.chat_template
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        path = Path(value)
+        try:
+            path = path.expanduser()
+            is_file = path.is_file()
+        except (OSError, ValueError, RuntimeError):
+            # A template's own text may be no possible file name (too long, a NUL byte, "~x").
+            is_file = False
+        try:
+            text = path.read_text(encoding="utf-8") if is_file else value
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(self._key("chat_template"), shown, f"cannot read: {error}") from None
+        if "{{" not in text and "{%" not in text:
+            problem = "is neither an existing file nor a Jinja template (no {{ }} or {% %})"
+            raise ConfigError(self._key("chat_template"), shown, problem)
+        try:
+            _chat_template_environment().parse(text)
+        except jinja2.TemplateSyntaxError as error:
+            problem = f"is not a valid Jinja template: {error.message} (line {error.lineno})"
+            raise ConfigError(self._key("chat_template"), shown, problem) from None
+        return text
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """Parses ``{% generation %}...{% endgeneration %}``, the assistant-turn marker of training
+    templates (TRL's ``*_training.jinja``) that transformers' template environment knows."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        """The block's body, rendered as it is."""
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _chat_template_environment() -> jinja2.Environment:
+    """A Jinja environment that parses what transformers' chat template compiler parses."""
+    return ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
+    )

@@ -41,6 +41,7 @@ READER_REASONS = {
     "identical_completions",
     "hh_unsplittable",
     "duplicate_id",
+    "non_text_content",
 }
 """The reasons the readers give (raypo.data.tokenize adds its own to REJECT_REASONS)."""
 
@@ -188,11 +189,12 @@ SEEDED_LINES: list[tuple[bytes, str | None]] = [
     (b'{"prompt": " \\n ", "chosen": "c", "rejected": "r"}', "empty_prompt"),
     (b'{"prompt": "p", "chosen": "c", "rejected": ""}', "empty_completion"),
     (b'{"prompt": "p", "chosen": "same", "rejected": "same"}', "identical_completions"),
-    (b'{"chosen": "no turns", "rejected": "none"}', "hh_unsplittable"),
     (
-        b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: x"}',
+        b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", '
+        b'"rejected": "\\n\\nHuman: x\\n\\nAssistant: b"}',
         "hh_unsplittable",
     ),
+    (b'{"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}', None),
     (
         b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", '
         b'"rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}',
@@ -201,6 +203,17 @@ SEEDED_LINES: list[tuple[bytes, str | None]] = [
     (json.dumps(GOOD_CONVERSATION).encode(), None),
     (b"", "blank_line"),
     ('{"prompt": "p\u00e9", "chosen": "c", "rejected": "r"}'.encode(), None),
+    (
+        b'{"prompt": [{"role": "user", "content": [{"type": "image"}, '
+        b'{"type": "text", "text": "what is it?"}]}], "chosen": "a cat", "rejected": "a dog"}',
+        "non_text_content",
+    ),
+    (b'{"chosen": "yes", "rejected": "no"}', "empty_prompt"),
+    (
+        b'{"prompt": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, '
+        b'{"type": "text", "text": " there"}]}], "chosen": "a", "rejected": "b"}',
+        None,
+    ),
 ]
 """(line bytes, expected reason or None = accepted); line n of the file is entry n - 1."""
 
@@ -219,6 +232,9 @@ def test_seeded_bad_rows_rejected_at_their_lines(tmp_path: Path) -> None:
     assert "prompt[0].content" in by_line[10].detail
     assert by_line[1].prompt == "p1"
     assert by_line[20].prompt == "p\u00e9"
+    assert (by_line[16].prompt, by_line[16].chosen) == ("Q: 2+2? A:", " 4")
+    assert "prompt[0].content[0] is a 'image' part" in by_line[21].detail
+    assert by_line[23].prompt == [{"role": "user", "content": "Hi there"}]
     assert all(json.dumps(r.to_json()) for r in records if isinstance(r, Rejection))
 
 

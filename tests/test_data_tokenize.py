@@ -2,6 +2,8 @@
 
 Expected ids come from encoding the same texts directly with the tokenizer (no special tokens
 added), so each test pins what tokenisation adds or cuts: BOS, EOS, truncation, the chat template.
+The texts here meet on token boundaries, where encoding prompt and completions apart gives the
+ids of raypo's joint encoding; tests/test_data_trl_tokenization.py has the pairs where it does not.
 """
 
 from __future__ import annotations

@@ -1,20 +1,30 @@
 """One raw row -> a normalised :class:`PreferencePair`, or a :class:`Rejection` saying why not.
 
-Three row shapes (``data.schema``), with the column names of ``data.*_field``:
+Four row shapes (``data.schema``), with the column names of ``data.*_field``:
 
 - ``pairs``: prompt, chosen and rejected strings.
 - ``hh``: chosen and rejected each a whole raw dialogue (``\\n\\nHuman: ...\\n\\nAssistant: ...``),
   no prompt column. The prompt is the longest common prefix of the two that ends with
   ``\\n\\nAssistant:`` (inclusive); the completions are the rest (their leading space kept). Real
   pairs sometimes diverge before the last Assistant turn; they split at an earlier turn.
+- ``implicit``: chosen and rejected strings that both start with the prompt, no prompt column
+  (TRL's implicit prompt). The rule of TRL's ``extract_prompt``: they split at the first character
+  in which they differ, or one earlier when the character before it is a space (the completions
+  then start with the space, as BPE pre-tokenisers keep a space with the word after it); when one
+  is a prefix of the other, before their last shared character.
 - ``conversational``: message lists ``[{"role", "content"}, ...]``. A string prompt is a user
   message and a string completion an assistant message. Completions that repeat the prompt
   messages at their start (UltraFeedback binarized) have them removed; without a prompt column
-  the prompt is the longest shared message prefix after which both continue with an assistant
-  message. Messages keep only ``role`` and ``content``.
+  the prompt is the messages before the first one in which chosen and rejected differ (before the
+  last shared one when one list is a prefix of the other), as TRL's ``extract_prompt`` has it.
+  Messages keep only ``role`` and ``content``; a content given as a list of parts
+  (``[{"type": "text", "text": ...}, ...]``) becomes its text parts joined with nothing between
+  them, which is what the chat templates that accept parts (Qwen2.5-VL, Qwen3.5, LFM2.5) render
+  for them; any other part (an image) rejects the row (``non_text_content``).
 
 ``auto`` decides per row, from the row alone, so that any shard of a file gives the same result:
-a message list in any of the three fields -> conversational; else a prompt -> pairs; else hh.
+a message list in any of the three fields -> conversational; else a prompt -> pairs; else hh when
+chosen and rejected both hold ``\\n\\nAssistant:``, else implicit.
 """
 
 from __future__ import annotations
@@ -65,8 +75,9 @@ def _pair(row: object, cfg: DataConfig, source: str, number: int) -> PreferenceP
     rejected = _required(row, cfg.rejected_field, "rejected")
     prompt = row.get(cfg.prompt_field)
     schema = cfg.schema if cfg.schema != "auto" else detect_schema(prompt, chosen, rejected)
-    if schema == "hh":
-        prompt, chosen, rejected = split_hh(
+    if schema in ("hh", "implicit"):
+        split = split_hh if schema == "hh" else split_implicit
+        prompt, chosen, rejected = split(
             _text(chosen, cfg.chosen_field), _text(rejected, cfg.rejected_field)
         )
     elif schema == "conversational":
@@ -90,10 +101,16 @@ def _pair(row: object, cfg: DataConfig, source: str, number: int) -> PreferenceP
 
 
 def detect_schema(prompt: object, chosen: object, rejected: object) -> str:
-    """``conversational``, ``pairs`` or ``hh`` for a row's three values (see module docstring)."""
+    """``conversational``, ``pairs``, ``hh`` or ``implicit`` for a row's three values (see the
+    module docstring)."""
     if any(isinstance(value, list) for value in (prompt, chosen, rejected)):
         return "conversational"
-    return "hh" if prompt is None else "pairs"
+    if prompt is not None:
+        return "pairs"
+    dialogues = all(
+        isinstance(value, str) and HH_ASSISTANT in value for value in (chosen, rejected)
+    )
+    return "hh" if dialogues else "implicit"
 
 
 def _required(row: dict[str, Any], name: str, role: str) -> Any:
@@ -136,8 +153,32 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
         detail = "chosen has no '\\n\\nAssistant:' turn"
     else:
         detail = "chosen and rejected diverge before their first '\\n\\nAssistant:' turn"
-    hint = "; for prompt/chosen/rejected columns set data.prompt_field or data.schema pairs"
+    hint = (
+        "; for a prompt column set data.prompt_field, for texts that start with the prompt but "
+        "are no HH dialogues data.schema implicit"
+    )
     raise RowProblem("hh_unsplittable", detail + hint)
+
+
+def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen, rejected)`` of strings that hold the prompt, split by TRL's
+    ``extract_prompt`` rule (see the module docstring); raises :class:`RowProblem`
+    ``empty_prompt`` when they share no text to make a prompt of."""
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise RowProblem("empty_completion", f"the {name} text is empty or whitespace only")
+    size = min(len(chosen), len(rejected))
+    cut = next((i for i in range(size) if chosen[i] != rejected[i]), None)
+    if cut is None:
+        # TRL's loop ends on the last shared index when nothing differs, keeping it out of the
+        # prompt; identical completions are rejected later by check_texts.
+        cut = size - 1
+    elif cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    if cut <= 0 or not chosen[:cut].strip():
+        detail = "chosen and rejected share no leading text to take as the prompt"
+        raise RowProblem("empty_prompt", detail + "; set data.prompt_field to the prompt column")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def split_conversation(
@@ -150,13 +191,13 @@ def split_conversation(
     if prompt is None:
         size = _shared_prompt_size(chosen_messages, rejected_messages)
         if size == 0:
-            detail = "chosen and rejected share no messages before an assistant reply"
+            detail = "chosen and rejected differ from their first message"
             raise RowProblem(
                 "empty_prompt", detail + "; set data.prompt_field to the prompt column"
             )
         prompt_messages = chosen_messages[:size]
-    else:
-        prompt_messages = messages(prompt, cfg.prompt_field, "user")
+        return prompt_messages, chosen_messages[size:], rejected_messages[size:]
+    prompt_messages = messages(prompt, cfg.prompt_field, "user")
     completions = []
     for name, completion in (
         (cfg.chosen_field, chosen_messages),
@@ -175,35 +216,57 @@ def split_conversation(
 
 
 def _shared_prompt_size(chosen: list[Message], rejected: list[Message]) -> int:
-    """Messages shared at the start after which both lists continue with an assistant message."""
-    size = 0
-    while size < min(len(chosen), len(rejected)) and chosen[size] == rejected[size]:
-        size += 1
-    while size > 0 and not all(
-        size < len(side) and side[size]["role"] == "assistant" for side in (chosen, rejected)
-    ):
-        size -= 1
-    return size
+    """Messages of the implicit prompt, by TRL's ``extract_prompt``: those before the first one
+    that differs; all but the last shared one when a list is a prefix of the other."""
+    size = min(len(chosen), len(rejected))
+    differs = next((i for i in range(size) if chosen[i] != rejected[i]), None)
+    return max(size - 1, 0) if differs is None else differs
 
 
 def messages(value: object, name: str, role: str) -> list[Message]:
-    """``value`` as a message list with only role and content; a string is one ``role`` message.
-    Raises :class:`RowProblem` ``invalid_messages`` naming the bad element."""
+    """``value`` as a message list with only role and content; a string is one ``role`` message,
+    a content of parts becomes its text (see the module docstring). Raises :class:`RowProblem`
+    ``invalid_messages`` or ``non_text_content`` naming the bad element."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if not isinstance(value, list):
         raise RowProblem("non_text_value", f"{name!r} is a {type(value).__name__}, not messages")
     result = []
     for index, message in enumerate(value):
+        where = f"{name}[{index}]"
         if not isinstance(message, dict):
             kind = type(message).__name__
-            raise RowProblem("invalid_messages", f"{name}[{index}] is a {kind}, not a message")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                kind = type(message.get(key)).__name__
-                detail = f"{name}[{index}].{key} is {kind}, expected a string"
-                raise RowProblem("invalid_messages", detail)
+            raise RowProblem("invalid_messages", f"{where} is a {kind}, not a message")
+        if not isinstance(message.get("role"), str):
+            kind = type(message.get("role")).__name__
+            raise RowProblem("invalid_messages", f"{where}.role is {kind}, expected a string")
         if not message["role"].strip():
-            raise RowProblem("invalid_messages", f"{name}[{index}].role is empty")
-        result.append({"role": message["role"], "content": message["content"]})
+            raise RowProblem("invalid_messages", f"{where}.role is empty")
+        content = _content_text(message.get("content"), f"{where}.content")
+        result.append({"role": message["role"], "content": content})
     return result
+
+
+def _content_text(content: object, where: str) -> str:
+    """A message content as text: a string as it is, a list of parts as its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        kind = type(content).__name__
+        detail = f"{where} is {kind}, expected a string or a list of text parts"
+        raise RowProblem("invalid_messages", detail)
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            kind = type(part).__name__
+            raise RowProblem("invalid_messages", f"{where}[{index}] is a {kind}, not a part")
+        kind = part.get("type", "text")
+        if kind != "text":
+            detail = f"{where}[{index}] is a {kind!r} part; raypo trains on text only"
+            raise RowProblem("non_text_content", detail)
+        if not isinstance(part.get("text"), str):
+            kind = type(part.get("text")).__name__
+            detail = f"{where}[{index}].text is {kind}, expected a string"
+            raise RowProblem("invalid_messages", detail)
+        texts.append(part["text"])
+    return "".join(texts)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Message = dict[str, str]
-"""One chat message: ``{"role": str, "content": str}`` and no other keys."""
+"""One chat message: ``{"role": str, "content": str}`` and no other keys (a content of text parts
+is joined to one string when the row is read)."""
 Text = str | list[Message]
 """A prompt or completion: plain text, or a list of chat messages."""
 
@@ -26,9 +27,10 @@ REJECT_REASONS: dict[str, str] = {
     "not_an_object": "the row is a JSON value other than an object (list, string, number)",
     "missing_field": "a configured field (chosen, rejected, prompt, id, group) is absent or null",
     "non_text_value": "a field holds a number, mapping or list where text is expected",
-    "invalid_messages": "a message list is not [{'role': str, 'content': str}, ...] or a "
-    "completion does not start with an assistant message",
-    "empty_prompt": "the prompt is empty or whitespace only",
+    "invalid_messages": "a message list is not [{'role': str, 'content': str or text parts}, "
+    "...] or a completion does not start with an assistant message",
+    "empty_prompt": "the prompt is empty or whitespace only, chosen and rejected share no start "
+    "to take as the prompt, or no prompt token is left before the completions",
     "empty_completion": "the chosen or rejected completion is empty or whitespace only",
     "identical_completions": "chosen and rejected are the same",
     "hh_unsplittable": "chosen and rejected HH dialogues share no prefix ending at "
@@ -36,10 +38,12 @@ REJECT_REASONS: dict[str, str] = {
     "duplicate_id": "the id column repeats a value already read from this source",
     "prompt_too_long": "the prompt has more tokens than data.max_prompt_length allows under "
     "truncation_mode reject",
-    "chat_template_mismatch": "the chat template renders prompt + completion with a different "
-    "start than the prompt alone",
-    "chat_template_missing": "the pair holds chat messages but the tokenizer has no chat template",
-    "chat_template_error": "the tokenizer's chat template raised an error rendering the messages",
+    "non_text_content": "a message content holds a part other than text (an image, audio)",
+    "chat_template_mismatch": "the tokenised prompt shares no leading token with the tokenised "
+    "prompt + completion (the chat template renders them differently from the start)",
+    "chat_template_missing": "the pair holds chat messages but the tokenizer has no chat template "
+    "and data.chat_template is unset",
+    "chat_template_error": "the chat template raised an error rendering the messages",
 }
 """Rejection reason code -> one-line description (``rejects.jsonl`` and the summary use codes)."""
 
@@ -88,9 +92,11 @@ class PreferencePair:
     """A normalised, text-valid preference pair.
 
     ``prompt``/``chosen``/``rejected`` are all strings or all message lists (completions then
-    hold only the new messages, starting with an assistant message). ``id``: the id column's
-    value when ``data.id_field`` is set, else ``f"{source}:{row}"`` (unique and stable across
-    runs). ``source``: :attr:`Source.label`; ``row``: see the module docstring.
+    hold only the new messages; they start with an assistant message unless the prompt was
+    extracted from them, with no prompt column, and they first differ in another role's message).
+    ``id``: the id column's value when ``data.id_field`` is set, else ``f"{source}:{row}"``
+    (unique and stable across runs). ``source``: :attr:`Source.label`; ``row``: see the module
+    docstring.
     """
 
     id: str

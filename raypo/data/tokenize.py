@@ -1,15 +1,32 @@
-"""Tokenising preference pairs: prompt and completions as separate id lists, truncated to budget.
+"""Tokenising preference pairs as TRL's ``DPOTrainer`` does: prompt and completions as id lists.
 
-A pair of strings is tokenised as three texts without special tokens; the prompt starts with BOS
-when the tokenizer adds one to plain text by itself (Llama: yes, Pythia and the tiny tokenizer:
-no), and each completion ends with EOS when ``data.append_eos`` is set, unless its last token is
-EOS already (counted in its length, never doubled). A pair of chat message lists is rendered with
-the tokenizer's chat template: the prompt with ``add_generation_prompt=True``, each completion as
-the text that the rendered whole conversation adds after the rendered prompt. That text is only
-defined when the rendered prompt is a prefix of the rendered conversation; a template that breaks
-the property rejects the pair (``chat_template_mismatch``). The template ends the assistant turn
-its own way, so EOS is appended only when the rendered completion holds no EOS at all (Qwen's
-``<|im_end|>\\n`` stays as it is).
+Each pair is tokenised as three texts, as TRL 1.16 (``DPOTrainer._prepare_dataset``) does: the
+prompt alone, the prompt followed by the chosen completion, and the prompt followed by the
+rejected one. The prompt's ids are those that the prompt shares with both joined sequences at
+their start (the shorter of the two common prefixes); each completion is the rest of its joined
+sequence. So the ids are those the model reads in the whole sequence, also where BPE merges
+across the prompt/completion boundary: with byte-level BPE, ``"Answer: " + "Yes"`` is ``Answer``,
+``:``, ``ĠYes``, not ``Answer``, ``:``, ``Ġ``, ``Yes``, and the prompt's last token ``Ġ`` moves
+into the completions. When a prompt loses tokens so, a warning says so once per process with the
+number of such pairs in that batch (TRL warns once).
+
+- Strings are tokenised as ``tokenizer(text)`` with the tokenizer's own special tokens (Llama
+  adds BOS, Pythia and the tiny tokenizer nothing). With ``data.append_eos`` each completion is
+  followed by the EOS token's text unless it ends with it already, so EOS ends the completion
+  once (TRL's rule, and TRL always appends it).
+- Message lists are rendered with ``data.chat_template`` or else the tokenizer's chat template,
+  the prompt with ``add_generation_prompt=True``, and tokenised without added special tokens
+  (what ``apply_chat_template(tokenize=True)`` does), so a template that writes BOS gives one
+  BOS. A template that renders the prompt alone differently from the start of the whole
+  conversation (Gemma 4's empty thought block) gets the common prefix as the prompt, as in TRL;
+  only a pair whose renderings share no token is rejected (``chat_template_mismatch``). The
+  template ends the assistant turn its own way, so with ``data.append_eos`` EOS is appended only
+  when the completion holds no EOS at all (Qwen's ``<|im_end|>\\n`` stays as it is; TRL appends
+  nothing to chat pairs).
+
+Beyond TRL: BOS is never doubled (a text prompt that starts with the BOS text on a tokenizer that
+adds BOS: TRL keeps both) nor is EOS (a tokenizer that appends EOS itself); pairs it cannot use
+are rejections with a reason, not errors.
 
 Truncation: a prompt over ``data.max_prompt_length`` keeps its last tokens (``keep_end``; a
 leading BOS is kept as well), its first tokens (``keep_start``) or rejects the pair (``reject``:
@@ -18,15 +35,19 @@ leading BOS is kept as well), its first tokens (``keep_start``) or rejects the p
 loses its EOS. Nothing else is dropped; chosen and rejected may share their kept tokens when they
 differ only past the cut.
 
-:func:`tokenize_pairs` encodes all texts of a batch of pairs in one tokenizer call: on the HH
-pairs and the tiny tokenizer on 2 cores, batches of 256 pairs ran at about 3,500 pairs/s against
-1,900 with one call per pair (2,800 against 2,400 with ``TOKENIZERS_PARALLELISM=false``), as the
-Rust tokenizer spreads a batch over its threads; :func:`tokenize_pair` is the one-pair form.
+:func:`tokenize_pairs` encodes all texts of a batch of pairs in one tokenizer call per kind
+(strings, chat renderings), as the Rust tokenizer spreads a batch over its threads;
+:func:`tokenize_pair` is the one-pair form. Encoding the prompt three times costs time: on the
+1,800 HH pairs of ``tests/data`` with the tiny tokenizer (batches of 256, a busy 2-core machine)
+about 1,000 pairs/s against 1,600 when the three texts were encoded apart, which gave the same
+ids on those pairs (each prompt ends with ``Assistant:``, each completion starts with a space: a
+token boundary).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -87,22 +108,40 @@ class _Specials:
     """The tokenizer's special tokens as tokenisation uses them."""
 
     bos_id: int | None
-    """The tokenizer's BOS id, kept in front of a ``keep_end`` prompt; None = no BOS."""
-    prepend_bos: bool
-    """The tokenizer adds BOS to plain text, so text prompts get it too."""
+    """The tokenizer's BOS id (kept in front of a ``keep_end`` prompt, never doubled)."""
     eos_id: int | None
-    """The EOS id to end completions with; None = ``data.append_eos`` is off."""
+    """The tokenizer's EOS id (never doubled)."""
+    eos_text: str | None
+    """The EOS text that ends text completions; None = ``data.append_eos`` is off."""
     special_ids: frozenset[int]
 
 
 @dataclass(frozen=True)
 class _Texts:
-    """A pair rendered to the three texts that are tokenised."""
+    """A pair rendered to the three texts that are tokenised: the prompt alone and followed by
+    each completion."""
 
     prompt: str
-    chosen: str
-    rejected: str
+    prompt_chosen: str
+    prompt_rejected: str
     chat: bool
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A pair's ids split at the prompt (before truncation)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    prompt_cut: list[int]
+    """The prompt's last tokens that the completions tokenise differently (usually none)."""
+
+
+_REPORTED: set[str] = set()
+"""Tokenizers whose moved prompt ends this process has reported (a warning once, as TRL)."""
+
+logger = logging.getLogger(__name__)
 
 
 def tokenize_pair(
@@ -119,31 +158,26 @@ def tokenize_pairs(
 
     Rejection reasons: ``chat_template_missing``, ``chat_template_error``,
     ``chat_template_mismatch`` (message pairs), ``prompt_too_long`` (``truncation_mode:
-    reject``), ``empty_prompt``, ``empty_completion`` (no token but special tokens).
+    reject``), ``empty_prompt`` (no prompt token left before the completions), ``empty_completion``
+    (no token but special tokens).
 
     Raises:
         ValueError: ``data.append_eos`` is set but the tokenizer has no EOS token.
     """
     specials = _specials(tokenizer, cfg)
-    rendered = [_render(pair, tokenizer) for pair in pairs]
-    texts = [
-        text
-        for item in rendered
-        if isinstance(item, _Texts)
-        for text in (item.prompt, item.chosen, item.rejected)
-    ]
-    encoded = iter(_encode(tokenizer, texts))
+    rendered = [_render(pair, tokenizer, cfg.chat_template, specials) for pair in pairs]
     results: list[TokenizedPair | Rejection] = []
-    for pair, item in zip(pairs, rendered, strict=True):
-        if isinstance(item, Rejection):
-            results.append(item)
+    moved: list[_Split] = []
+    for pair, item, ids in zip(pairs, rendered, _encode_all(tokenizer, rendered), strict=True):
+        split = item if isinstance(item, Rejection) else _split(pair, item.chat, ids, specials)
+        if isinstance(split, Rejection):
+            results.append(split)
             continue
-        prompt_ids, chosen_ids, rejected_ids = next(encoded), next(encoded), next(encoded)
-        if not item.chat and specials.prepend_bos and prompt_ids[:1] != [specials.bos_id]:
-            prompt_ids = [specials.bos_id, *prompt_ids]
-        results.append(
-            _assemble(pair, item.chat, prompt_ids, chosen_ids, rejected_ids, specials, cfg)
-        )
+        if split.prompt_cut:
+            moved.append(split)
+        results.append(_assemble(pair, item.chat, split, specials, cfg))
+    if moved:
+        _report_moved(tokenizer, moved, len(pairs))
     return results
 
 
@@ -154,87 +188,155 @@ def _specials(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> _Specials:
             f"data.append_eos is true but tokenizer {tokenizer.name_or_path!r} has no eos_token; "
             "set data.append_eos: false or use a tokenizer with an EOS token"
         )
-    bos_id = tokenizer.bos_token_id
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     return _Specials(
-        bos_id=bos_id,
-        prepend_bos=bos_id is not None and probe[:1] == [bos_id],
-        eos_id=eos_id if cfg.append_eos else None,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=eos_id,
+        eos_text=tokenizer.eos_token if cfg.append_eos else None,
         special_ids=frozenset(tokenizer.all_special_ids),
     )
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added, in one call (fast tokenizers batch it)."""
+def _encode_all(
+    tokenizer: PreTrainedTokenizerBase, rendered: list[_Texts | Rejection]
+) -> list[tuple[list[int], ...]]:
+    """The ids of each rendered pair's three texts (``()`` for a rejection): strings with the
+    tokenizer's special tokens, as ``tokenizer(text)``; chat renderings without, as
+    ``apply_chat_template(tokenize=True)``; one batched call per kind."""
+    texts: dict[bool, list[str]] = {False: [], True: []}
+    for item in rendered:
+        if isinstance(item, _Texts):
+            texts[item.chat] += [item.prompt, item.prompt_chosen, item.prompt_rejected]
+    encoded = {chat: iter(_encode(tokenizer, texts[chat], not chat)) for chat in (False, True)}
+    return [
+        () if isinstance(item, Rejection) else tuple(next(encoded[item.chat]) for _ in range(3))
+        for item in rendered
+    ]
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool
+) -> list[list[int]]:
+    """Token ids of each text in one call (fast tokenizers batch it)."""
     if not texts:
         return []
-    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    encoded = tokenizer(
+        texts,
+        add_special_tokens=add_special_tokens,
+        return_attention_mask=False,
+        verbose=False,
+    )
     return encoded["input_ids"]
 
 
-def _render(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> _Texts | Rejection:
-    """The pair's texts: as they are for strings, through the chat template for messages."""
+def _render(
+    pair: PreferencePair,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | None,
+    specials: _Specials,
+) -> _Texts | Rejection:
+    """The pair's texts: joined as they are for strings, through the chat template (``template``
+    or the tokenizer's) for messages."""
     if isinstance(pair.prompt, str):
-        return _Texts(pair.prompt, pair.chosen, pair.rejected, chat=False)
-    if tokenizer.chat_template is None:
+        eos = specials.eos_text
+        chosen, rejected = (
+            text if eos is None or text.endswith(eos) else text + eos
+            for text in (pair.chosen, pair.rejected)
+        )
+        return _Texts(pair.prompt, pair.prompt + chosen, pair.prompt + rejected, chat=False)
+    if template is None and tokenizer.chat_template is None:
         return _reject(
             pair,
             "chat_template_missing",
             f"the pair holds chat messages but tokenizer {tokenizer.name_or_path!r} has no chat "
-            "template; use a tokenizer with one (model.tokenizer_name_or_path) or text pairs",
+            "template; set data.chat_template, use a tokenizer with one "
+            "(model.tokenizer_name_or_path) or text pairs",
         )
     prompt = list(pair.prompt)
     try:
-        prompt_text = _apply_template(tokenizer, prompt, generation_prompt=True)
-        completions = []
-        for name, value in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            full = _apply_template(tokenizer, prompt + list(value))
-            if not full.startswith(prompt_text):
-                return _reject(pair, "chat_template_mismatch", _mismatch(name, prompt_text, full))
-            completions.append(full[len(prompt_text) :])
+        texts = [
+            _apply_template(tokenizer, template, prompt, generation_prompt=True),
+            _apply_template(tokenizer, template, prompt + list(pair.chosen)),
+            _apply_template(tokenizer, template, prompt + list(pair.rejected)),
+        ]
     except TemplateError as error:
         return _reject(pair, "chat_template_error", f"the chat template failed: {error}")
-    return _Texts(prompt_text, completions[0], completions[1], chat=True)
+    return _Texts(*texts, chat=True)
 
 
 def _apply_template(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | None,
+    messages: list[Message],
+    generation_prompt: bool = False,
 ) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
-def _mismatch(name: str, prompt_text: str, full: str) -> str:
-    """Why ``full`` does not start with ``prompt_text``: where the two renderings diverge."""
-    at = next(
-        (i for i, (a, b) in enumerate(zip(prompt_text, full, strict=False)) if a != b),
-        min(len(prompt_text), len(full)),
-    )
-    return (
-        f"the chat template renders prompt + {name} so that it does not start with the rendered "
-        f"prompt (add_generation_prompt=True); they differ from character {at}: "
-        f"{prompt_text[at : at + 40]!r} vs {full[at : at + 40]!r}"
+def _split(
+    pair: PreferencePair, chat: bool, ids: tuple[list[int], ...], specials: _Specials
+) -> _Split | Rejection:
+    """The prompt as the ids the three sequences share at their start, completions the rest."""
+    prompt, prompt_chosen, prompt_rejected = (_single_specials(seq, specials) for seq in ids)
+    size = min(_common_prefix(prompt, prompt_chosen), _common_prefix(prompt, prompt_rejected))
+    if size == 0:
+        reason = "chat_template_mismatch" if chat and prompt else "empty_prompt"
+        detail = (
+            f"the tokenised prompt {prompt[:8]} shares no first token with prompt + chosen "
+            f"{prompt_chosen[:8]} or prompt + rejected {prompt_rejected[:8]}"
+        )
+        return _reject(pair, reason, detail)
+    return _Split(prompt[:size], prompt_chosen[size:], prompt_rejected[size:], prompt[size:])
+
+
+def _single_specials(ids: list[int], specials: _Specials) -> list[int]:
+    """``ids`` without a second leading BOS or a second trailing EOS (see module docstring)."""
+    if specials.bos_id is not None and ids[:2] == [specials.bos_id] * 2:
+        ids = ids[1:]
+    if specials.eos_id is not None and ids[-2:] == [specials.eos_id] * 2:
+        ids = ids[:-1]
+    return ids
+
+
+def _common_prefix(ids: list[int], other: list[int]) -> int:
+    """Number of leading tokens the two lists share (TRL's ``common_prefix_length``)."""
+    size = 0
+    for token, other_token in zip(ids, other, strict=False):
+        if token != other_token:
+            break
+        size += 1
+    return size
+
+
+def _report_moved(tokenizer: PreTrainedTokenizerBase, moved: list[_Split], total: int) -> None:
+    """Warn, once per tokenizer and process, that prompt ends moved into the completions."""
+    if tokenizer.name_or_path in _REPORTED:
+        return
+    _REPORTED.add(tokenizer.name_or_path)
+    logger.warning(
+        "%d of %d pairs in this batch: the tokenised prompt is not a prefix of the tokenised "
+        "prompt + completion, because tokens merge across the boundary or the chat template "
+        "renders the prompt alone differently. As in TRL, the completions start where the two "
+        "diverge and the prompt's end (here %r) is left out of the prompt. Shown once per "
+        "process; later batches are likely alike. To avoid it, end prompts on a token boundary "
+        "(no trailing space) or use a template that renders the prompt alike in both cases.",
+        len(moved),
+        total,
+        tokenizer.decode(moved[0].prompt_cut),
     )
 
 
 def _assemble(
-    pair: PreferencePair,
-    chat: bool,
-    prompt_ids: list[int],
-    chosen_ids: list[int],
-    rejected_ids: list[int],
-    specials: _Specials,
-    cfg: DataConfig,
+    pair: PreferencePair, chat: bool, split: _Split, specials: _Specials, cfg: DataConfig
 ) -> TokenizedPair | Rejection:
-    """Check, end with EOS and truncate the encoded texts of one pair."""
-    if not prompt_ids:
-        return _reject(pair, "empty_prompt", "the prompt has no tokens")
-    for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+    """Check, end with EOS and truncate the split ids of one pair."""
+    for name, ids in (("chosen", split.chosen), ("rejected", split.rejected)):
         if all(token in specials.special_ids for token in ids):
             return _reject(
                 pair, "empty_completion", f"{name} has no tokens besides special tokens: {ids}"
             )
+    prompt_ids = split.prompt
     if len(prompt_ids) > cfg.max_prompt_length and cfg.truncation_mode == "reject":
         return _reject(
             pair,
@@ -246,8 +348,9 @@ def _assemble(
     budget = cfg.max_length - len(prompt)
     if cfg.max_completion_length is not None:
         budget = min(budget, cfg.max_completion_length)
-    chosen = _with_eos(chosen_ids, specials.eos_id, chat)
-    rejected = _with_eos(rejected_ids, specials.eos_id, chat)
+    eos_id = specials.eos_id if cfg.append_eos else None
+    chosen = _with_eos(split.chosen, eos_id, chat)
+    rejected = _with_eos(split.rejected, eos_id, chat)
     return TokenizedPair(
         id=pair.id,
         group=pair.group,
