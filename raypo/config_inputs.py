@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import jinja2
 import jinja2.ext
@@ -39,8 +39,20 @@ class ModelConfig(Section):
     """Let ``from_pretrained`` run Python code shipped with a hub model; off = only models that
     transformers itself implements load."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to ``from_pretrained``; ``flash_attention_2`` needs a GPU and the
+    """Attention kernel passed to ``from_pretrained`` for the policy and the reference, in
+    training, the reference pass and evaluation; ``flash_attention_2`` needs a GPU and the
     flash-attn package."""
+    disable_dropout: bool = True
+    """Set every dropout of the policy and the reference to 0 when they are loaded for training
+    and for the reference pass, as TRL's ``disable_dropout`` (default on) does: with dropout the
+    policy's log-probs in train mode are noisy against the reference's (computed without), and
+    that noise enters every reward margin. Off = keep the model's own dropout rates."""
+    router_aux_loss_coef: float | None = bounded(None, ">= 0")
+    """Weight of a Mixture-of-Experts policy's router load-balancing loss, added to the
+    preference loss and logged as ``aux_loss``, as TRL's ``router_aux_loss_coef``; null = the
+    model config's own ``router_aux_loss_coef`` (0.001 for Mixtral and Qwen2-MoE), 0 = none. Only
+    models whose config has ``output_router_logits`` have this loss; a non-zero value for any
+    other model is an error."""
     tiny_fit_steps: int = bounded(0, ">= 0")
     """Only for ``name_or_path: tiny``: optimizer steps of next-token fitting on the training
     data's chosen responses before preference training, so that the reference (the fitted model)
@@ -52,6 +64,17 @@ class ModelConfig(Section):
         if self.tokenizer_name_or_path is None:
             return self.name_or_path
         return self.tokenizer_name_or_path
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        """What this section tells ``from_pretrained``: the keyword arguments ``dtype``,
+        ``attn_implementation`` and ``trust_remote_code`` of :func:`raypo.models.load_policy`
+        and of the evaluation loaders."""
+        return {
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+            "trust_remote_code": self.trust_remote_code,
+        }
 
     def _validate(self) -> None:
         self._require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")

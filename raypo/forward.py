@@ -14,11 +14,14 @@ model's first use :func:`verified_head_transform` runs its own ``forward`` once 
 of the batch and checks that raypo's path (the decoder, the transform, the lm-head, right
 padding) reproduces its logits; a model that it does not reproduce (an unregistered transform,
 a head that is not a plain linear layer, a model whose logits change with right padding, ...)
-is refused with :class:`UnsupportedModelError` naming the model class and type.
+is refused with :class:`UnsupportedModelError` naming the model class and type. A
+Mixture-of-Experts policy's router load-balancing loss comes from the same decoder forward
+(:func:`sequence_stats_and_aux_loss`), likewise checked once against the model's own.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -350,10 +353,22 @@ def _relative_error(actual: Tensor, expected: Tensor) -> float:
 
 def _hidden_states(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """The decoder's last hidden states ``[B, T, H]`` for the batch's ids and mask."""
-    output = decoder(model)(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    return _last_hidden(_decoder_output(model, batch))
+
+
+def _decoder_output(
+    model: nn.Module, batch: Mapping[str, Tensor], output_router_logits: bool = False
+) -> object:
+    """:func:`decoder`'s output for the batch's ids and mask, with each MoE layer's router logits
+    (``router_logits``) when ``output_router_logits``; the flag is passed only then, as dense
+    decoders do not take it."""
+    extra = {"output_router_logits": True} if output_router_logits else {}
+    return decoder(model)(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+        **extra,
     )
-    return _last_hidden(output)
 
 
 def sequence_stats(
@@ -384,7 +399,29 @@ def sequence_stats(
             (:func:`verified_head_transform`, checked at the model's first use).
     """
     transform = verified_head_transform(model, batch)
-    hidden = transform.apply_before(_hidden_states(model, batch))
+    return _stats_of_hidden(
+        model,
+        transform,
+        _hidden_states(model, batch),
+        batch,
+        chunk_size=chunk_size,
+        compute_entropy=compute_entropy,
+        partitioned_head=partitioned_head,
+    )
+
+
+def _stats_of_hidden(
+    model: nn.Module,
+    transform: HeadTransform,
+    hidden: Tensor,
+    batch: Mapping[str, Tensor],
+    *,
+    chunk_size: int,
+    compute_entropy: bool,
+    partitioned_head: bool,
+) -> SequenceStats:
+    """:func:`sequence_stats` from the decoder's last hidden states ``hidden``."""
+    hidden = transform.apply_before(hidden)
     if partitioned_head:
         source = {"logits": lm_head(model)(hidden)}
     else:
@@ -398,6 +435,129 @@ def sequence_stats(
         logits_transform=transform.after,
         **source,
     )
+
+
+def sequence_stats_and_aux_loss(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    chunk_size: int = 1024,
+    partitioned_head: bool = False,
+) -> tuple[SequenceStats, Tensor]:
+    """:func:`sequence_stats` (without entropy) of a Mixture-of-Experts model, and from the same
+    forward its router load-balancing loss: the ``aux_loss`` that
+    ``model(input_ids, attention_mask=..., output_router_logits=True)`` returns.
+
+    The decoder runs once with ``output_router_logits=True`` on the batch's ``2B`` chosen and
+    rejected sequences and their attention mask, as TRL's DPOTrainer runs the policy, so the
+    loss counts the same real tokens (padding excluded) as TRL's. The loss is the model's own
+    (:func:`load_balancing_loss`), checked once per model against its ``forward``
+    (:func:`verify_aux_loss`).
+
+    Raises:
+        UnsupportedModelError: raypo's path does not reproduce the model's own logits or
+            ``aux_loss``.
+    """
+    transform = verified_head_transform(model, batch)
+    verify_aux_loss(model, batch)
+    output = _decoder_output(model, batch, output_router_logits=True)
+    stats = _stats_of_hidden(
+        model,
+        transform,
+        _last_hidden(output),
+        batch,
+        chunk_size=chunk_size,
+        compute_entropy=False,
+        partitioned_head=partitioned_head,
+    )
+    return stats, load_balancing_loss(model, output.router_logits, batch["attention_mask"])
+
+
+def router_aux_loss_coef(model: nn.Module, override: float | None = None) -> float:
+    """Weight of ``model``'s router load-balancing loss in the policy's loss, decided as TRL's
+    DPOTrainer does: ``override`` (``model.router_aux_loss_coef``) when set, else the text
+    config's own ``router_aux_loss_coef`` (0 when it declares none); always 0 for a model whose
+    config has no ``output_router_logits`` (not a Mixture-of-Experts model that returns them).
+
+    Raises:
+        ValueError: a non-zero ``override`` for a model without ``output_router_logits``.
+    """
+    text_config = model.config.get_text_config()
+    is_moe = hasattr(text_config, "output_router_logits")
+    if override and not is_moe:
+        raise ValueError(
+            f"model.router_aux_loss_coef is {override} but {_model_name(model)} is not a "
+            "Mixture-of-Experts model that returns router logits, so there is no auxiliary loss "
+            "to weight; set model.router_aux_loss_coef: null"
+        )
+    if not is_moe:
+        return 0.0
+    return float(
+        getattr(text_config, "router_aux_loss_coef", 0.0) if override is None else override
+    )
+
+
+def load_balancing_loss(
+    model: nn.Module, router_logits: tuple[Tensor, ...], attention_mask: Tensor
+) -> Tensor:
+    """``model``'s own router load-balancing loss of its decoder's per-layer ``router_logits``,
+    as its ``forward`` computes ``aux_loss`` (transformers 5's Mixtral, Qwen2-MoE, Qwen3-MoE,
+    OLMoE, ...): the ``load_balancing_loss_func`` of the module defining its class (or nearest
+    base), with its ``num_experts`` and ``num_experts_per_tok``, padding masked out.
+
+    Raises:
+        UnsupportedModelError: the model lacks one of them, or the router logits are not a tuple.
+    """
+    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
+    function = next(
+        (m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func")),
+        None,
+    )
+    experts = getattr(model, "num_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None)
+    if function is None or experts is None or top_k is None or not isinstance(router_logits, tuple):
+        raise UnsupportedModelError(
+            f"raypo cannot compute the router load-balancing loss of {_model_name(model)}: it "
+            "needs the load_balancing_loss_func of its modeling module, its num_experts and "
+            "num_experts_per_tok, and per-layer router logits from its decoder; set "
+            "model.router_aux_loss_coef: 0 to train without it"
+        )
+    return function(router_logits, experts, top_k, attention_mask)
+
+
+_AUX_VERIFIED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def verify_aux_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> None:
+    """Check, once per model, that :func:`load_balancing_loss` of the decoder's router logits is
+    the ``aux_loss`` of the model's own ``forward`` with ``output_router_logits=True``.
+
+    Runs both on :func:`verified_head_transform`'s probe (a few tokens of the batch, twice, the
+    second copy right-padded) in eval mode without grad, so that a model whose loss raypo
+    reproduces wrongly (another signature, another normalisation) is refused, never trained on;
+    they must agree within 64 ulp (the same operations on router logits that the two forwards
+    may reduce in different orders).
+
+    Raises:
+        UnsupportedModelError: they differ, or either is missing; the message names the model.
+    """
+    if model in _AUX_VERIFIED:
+        return
+    ids, mask = _probe_inputs(model, batch)
+    with _eval_mode(model), torch.no_grad():
+        own = model(
+            input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False
+        ).aux_loss
+        output = _decoder_output(model, {"input_ids": ids, "attention_mask": mask}, True)
+        ours = load_balancing_loss(model, getattr(output, "router_logits", None), mask)
+    error = float("inf") if own is None else _relative_error(ours.to(own.dtype), own)
+    if error > 64:
+        raise UnsupportedModelError(
+            f"raypo cannot reproduce the router load-balancing loss of {_model_name(model)}: "
+            f"its forward's aux_loss is {own}, raypo's {ours} ({error:.3g} units in the last "
+            "place); set model.router_aux_loss_coef: 0 to train without it"
+        )
+    _AUX_VERIFIED.add(model)
 
 
 def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -49,6 +51,10 @@ MARKER_FILE = "raypo_tiny.json"
 _FORMAT_VERSION = 1
 _BUILTIN_DATA = {"hh_sample": "hh_sample.jsonl"}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_REMOTE_CODE_WARNED: set[str] = set()
+"""Models whose trust_remote_code warning this process has logged."""
+
+logger = logging.getLogger(__name__)
 
 # Renders the raw Anthropic HH format ("\n\nHuman: ...\n\nAssistant: ...") after a BOS, so that a
 # prompt rendered with add_generation_prompt is a text prefix of the same dialogue rendered with its
@@ -328,15 +334,24 @@ def _load_error(kind: str, name_or_path: str, error: Exception) -> ModelLoadErro
 
 
 def load_tokenizer(
-    name_or_path: str, cache_dir: str | os.PathLike[str] | None = None
+    name_or_path: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer by name (see :func:`resolve_model_path`), guaranteeing a pad token.
 
-    A tokenizer without a pad token gets ``pad_token = eos_token``: padded positions are masked
-    out of every loss, so reusing EOS is harmless and avoids resizing the embeddings.
+    ``trust_remote_code`` lets ``from_pretrained`` run a tokenizer class shipped with the model
+    (``model.trust_remote_code``). A tokenizer without a pad token gets ``pad_token =
+    eos_token``: padded positions are masked out of every loss, so reusing EOS is harmless and
+    avoids resizing the embeddings.
     """
     source = resolve_model_path(name_or_path, cache_dir)
-    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", source)
+    if trust_remote_code:
+        _warn_remote_code(name_or_path)
+    tokenizer = _from_pretrained(
+        AutoTokenizer, "tokenizer", source, trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(
@@ -348,18 +363,65 @@ def load_tokenizer(
 
 
 def load_policy(
-    name_or_path: str, dtype: str = "fp32", cache_dir: str | os.PathLike[str] | None = None
+    name_or_path: str,
+    dtype: str = "fp32",
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in ``dtype`` (``fp32`` | ``bf16`` | ``fp16``).
 
-    ``"tiny"`` selects the embedded tiny model; anything else goes to ``from_pretrained``. The
-    model's ``config.pad_token_id`` is set to the tokenizer's pad id when it has none.
+    ``name_or_path`` is resolved by :func:`resolve_model_path` (``"tiny"`` = the embedded tiny
+    model's directory) and loaded with ``from_pretrained``, which also gets
+    ``attn_implementation`` (``eager`` | ``sdpa`` | ``flash_attention_2``; None = transformers'
+    default for the model) and ``trust_remote_code`` (model and tokenizer):
+    ``ModelConfig.load_kwargs`` gives all three. The model's ``config.pad_token_id`` is set to
+    the tokenizer's pad id when it has none.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     source = resolve_model_path(name_or_path, cache_dir)
-    tokenizer = load_tokenizer(source)
-    model = _from_pretrained(AutoModelForCausalLM, "model", source, dtype=_DTYPES[dtype])
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    options: dict[str, object] = {"dtype": _DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    try:
+        model = _from_pretrained(AutoModelForCausalLM, "model", source, **options)
+    except ImportError as error:
+        # transformers raises ImportError for a kernel whose package is missing (flash-attn).
+        raise ModelLoadError(
+            f"could not load model {name_or_path!r} with attn_implementation="
+            f"{attn_implementation!r} ({error}); install the missing package or set "
+            f"model.attn_implementation: sdpa"
+        ) from error
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _warn_remote_code(name_or_path: str) -> None:
+    """Log, once per process and model, that ``from_pretrained`` will run the model's code."""
+    if name_or_path in _REMOTE_CODE_WARNED:
+        return
+    _REMOTE_CODE_WARNED.add(name_or_path)
+    logger.warning(
+        "model.trust_remote_code is on: running Python code shipped with %s", name_or_path
+    )
+
+
+def disable_dropout_in_model(model: nn.Module) -> None:
+    """Turn off every dropout of ``model`` in place (``model.disable_dropout``).
+
+    As TRL's ``disable_dropout_in_model``, every ``nn.Dropout`` gets ``p = 0``. transformers'
+    attention layers take their dropout rate from a float attribute instead (Llama's
+    ``attention_dropout``, passed to the attention kernel in train mode), which that misses, so
+    every float attribute of a module whose name holds ``dropout`` or ``pdrop`` is set to 0 as
+    well. The model's config is left alone: an exported model keeps its own rates.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if type(value) is float and ("dropout" in name or "pdrop" in name):
+                setattr(module, name, 0.0)

@@ -6,13 +6,16 @@ mathematics only (no Ray, no DeepSpeed): the caller owns the engine, the gradien
 optimizer. Data flows one way through it:
 
 1. the policy's forward over the ``2B`` chosen+rejected sequences, reduced to summed completion
-   log-probs (:func:`raypo.forward.sequence_stats`);
+   log-probs (:func:`raypo.forward.sequence_stats`); for a Mixture-of-Experts policy also its
+   router load-balancing loss (:func:`raypo.forward.sequence_stats_and_aux_loss`), as TRL's
+   DPOTrainer requests it;
 2. the reference values: the batch's precomputed ``ref_*`` columns, or one forward of an online
    reference model (:func:`raypo.forward.reference_columns`), with the normalised entropies only
    when the objective needs the dispersion; nothing for reference-free objectives;
 3. the MallowsPO dispersion weight ``w(x)`` from the reference entropies
    (:func:`raypo.dispersion.dispersion_weight`), where the objective uses it;
-4. the objective and its metrics (:func:`raypo.losses.preference_loss`).
+4. the objective and its metrics (:func:`raypo.losses.preference_loss`), plus
+   ``router_aux_loss_coef * aux_loss`` for a Mixture-of-Experts policy (TRL's metric ``aux_loss``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from raypo.config import LossConfig
-from raypo.dispersion import dispersion_weight
-from raypo.forward import REFERENCE_PREFIX, reference_columns, sequence_stats, split_pairs
+from raypo.dispersion import SequenceStats, dispersion_weight
+from raypo.forward import (
+    REFERENCE_PREFIX,
+    reference_columns,
+    router_aux_loss_coef,
+    sequence_stats,
+    sequence_stats_and_aux_loss,
+    split_pairs,
+)
 from raypo.losses import PreferenceBatch, preference_loss
 from raypo.mixdpo import StrengthDistribution
 from raypo.objectives import Objective, objective
@@ -38,6 +48,10 @@ class ForwardSettings:
     """Completion positions per chunk of fp32 logits (``trainer.logits_chunk_size``)."""
     partitioned_head: bool = False
     """The lm-head weight is sharded (DeepSpeed ZeRO-3) and whole only inside its own forward."""
+    router_aux_loss_coef: float | None = None
+    """Weight of a Mixture-of-Experts policy's router load-balancing loss
+    (``model.router_aux_loss_coef``); None = the model config's own
+    (:func:`raypo.forward.router_aux_loss_coef`)."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +62,9 @@ class StepResult:
     """Mean loss over the batch's pairs, 0-dim; carries the gradient when grad mode is on."""
     metrics: dict[str, Tensor]
     """TRL-named metrics (detached, 0-dim): ``loss``, ``rewards/*``, ``logps/*``, and where they
-    apply ``dispersion/*``, ``mixdpo/*`` and ``reference/accuracies`` (the reference model's own
-    likelihood accuracy on the batch)."""
+    apply ``dispersion/*``, ``mixdpo/*``, ``reference/accuracies`` (the reference model's own
+    likelihood accuracy on the batch) and ``aux_loss`` (a Mixture-of-Experts policy's router
+    load-balancing loss, already weighted into ``loss``)."""
     tokens: int
     """Real (non-padding) tokens of the forward, prompt and completions of both halves."""
 
@@ -74,19 +89,15 @@ def preference_step(
             reference values from the batch's ``ref_*`` columns (or use none, for reference-free
             objectives).
         strength: the MixDPO strength distribution (``loss.type: mixdpo``).
-        forward: chunking and ZeRO-3 handling of both forwards.
+        forward: chunking and ZeRO-3 handling of both forwards, the router loss's weight.
 
     Raises:
-        ValueError: the objective needs reference values the batch does not carry.
+        ValueError: the objective needs reference values the batch does not carry, or
+            ``forward.router_aux_loss_coef`` is non-zero for a policy that is not a MoE model.
     """
     spec = objective(loss.type)
-    policy_stats = sequence_stats(
-        policy,
-        batch,
-        chunk_size=forward.chunk_size,
-        compute_entropy=False,
-        partitioned_head=forward.partitioned_head,
-    )
+    coef = router_aux_loss_coef(policy, forward.router_aux_loss_coef)
+    policy_stats, aux_loss = _policy_forward(policy, batch, forward, with_aux_loss=coef != 0.0)
     reference = _reference_values(spec, batch, reference_model, forward)
     dispersion = None
     if spec.uses_dispersion:
@@ -104,10 +115,24 @@ def preference_step(
         dispersion=dispersion,
     )
     value, metrics = preference_loss(loss, pairs, strength)
+    if aux_loss is not None:
+        value = value + coef * aux_loss.to(value.dtype)
+        metrics |= {"loss": value.detach(), "aux_loss": aux_loss.detach()}
     if "ref_chosen_logps" in reference:
         ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
         metrics["reference/accuracies"] = (ref_margin > 0).float().mean()
     return StepResult(value, metrics, int(batch["attention_mask"].sum()))
+
+
+def _policy_forward(
+    policy: nn.Module, batch: Mapping[str, Tensor], forward: ForwardSettings, with_aux_loss: bool
+) -> tuple[SequenceStats, Tensor | None]:
+    """The policy's summed completion log-probs and, ``with_aux_loss``, its router
+    load-balancing loss from the same forward (else None)."""
+    settings = {"chunk_size": forward.chunk_size, "partitioned_head": forward.partitioned_head}
+    if with_aux_loss:
+        return sequence_stats_and_aux_loss(policy, batch, **settings)
+    return sequence_stats(policy, batch, compute_entropy=False, **settings), None
 
 
 def _reference_values(

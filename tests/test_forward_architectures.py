@@ -30,6 +30,7 @@ from raypo.forward import (
     head_transform,
     reference_columns,
     sequence_stats,
+    sequence_stats_and_aux_loss,
 )
 from raypo.step import ForwardSettings, preference_step
 
@@ -188,11 +189,28 @@ def test_training_step_loss_equals_the_models_own(case, batch) -> None:
     with torch.no_grad():
         pol, _ = own_stats(policy)
         ref, ref_hn = (values.float() for values in own_stats(reference))
+        aux = own_aux_loss(policy, batch)
     h = (pol[:2] - ref[:2]) - (pol[2:] - ref[2:])
     w = -0.5 * torch.log(((ref_hn[:2] + ref_hn[2:]) / 2).clamp_min(1e-6))
     expected = float(torch.nn.functional.softplus(-0.1 * w.double() * h).mean())
+    if aux is not None:  # a MoE policy: plus its config's router_aux_loss_coef (TRL's default)
+        expected += policy.config.router_aux_loss_coef * float(aux)
     assert float(result.loss.detach()) == pytest.approx(expected, rel=1e-12)
     assert result.loss.requires_grad
+    assert ("aux_loss" in result.metrics) == (aux is not None)
+
+
+def own_aux_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
+    """The model's own router load-balancing loss on the padded batch, as TRL's DPOTrainer gets
+    it (one forward of chosen+rejected with their attention mask); None for a dense model."""
+    if not hasattr(model.config, "output_router_logits"):
+        return None
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_router_logits=True,
+        use_cache=False,
+    ).aux_loss
 
 
 @pytest.mark.parametrize("name", TRANSFORMED)
@@ -304,3 +322,71 @@ def test_the_transform_keeps_the_chunked_memory_saving() -> None:
     logits_bytes = rows * seq * vocab * 4
     assert _new_saved_bytes(full, [hidden, weight]) >= logits_bytes
     assert _new_saved_bytes(chunked, [hidden, weight]) < logits_bytes / 50
+
+
+MOE_ARCHITECTURES = ["qwen2_moe", "mixtral"]
+
+
+@pytest.mark.parametrize("name", MOE_ARCHITECTURES)
+def test_moe_step_adds_the_models_own_router_loss(name: str, batch) -> None:
+    """``aux_loss`` is the model's own, the loss is the preference loss plus coef * aux_loss
+    (the config's coefficient, or ``router_aux_loss_coef``), and so are its gradients."""
+    policy, reference = build(name, seed=0), build(name, seed=1)
+    config = LossConfig(type="dpo", beta=0.1)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    aux = own_aux_loss(policy, batch)
+    without = preference_step(
+        policy, batch, config, reference_model=reference, forward=ForwardSettings(3, False, 0.0)
+    )
+    assert "aux_loss" not in without.metrics
+    for coef in (None, 0.5):
+        weight = policy.config.router_aux_loss_coef if coef is None else coef
+        result = preference_step(
+            policy,
+            batch,
+            config,
+            reference_model=reference,
+            forward=ForwardSettings(3, False, coef),
+        )
+        torch.testing.assert_close(result.metrics["aux_loss"], aux.detach(), rtol=1e-6, atol=0)
+        expected = without.loss + weight * aux.double()
+        torch.testing.assert_close(result.loss, expected, rtol=1e-12, atol=0)
+        assert float(result.metrics["loss"]) == float(result.loss.detach())
+        ours = torch.autograd.grad(result.loss, params, allow_unused=True)
+        theirs = torch.autograd.grad(expected, params, allow_unused=True, retain_graph=True)
+        for got, want in zip(ours, theirs, strict=True):
+            if want is None:
+                assert got is None or not got.any()
+                continue
+            # The routers' softmax runs in float32: where one backward carries the sum of both
+            # losses' gradients through it, that sum is rounded to float32, not each part.
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_a_dense_model_has_no_router_loss_and_refuses_a_coefficient(batch) -> None:
+    policy = build("llama")
+    config = LossConfig(type="simpo")
+    assert "aux_loss" not in preference_step(policy, batch, config).metrics
+    with pytest.raises(ValueError, match="router_aux_loss_coef is 0.1 but LlamaForCausalLM"):
+        preference_step(policy, batch, config, forward=ForwardSettings(router_aux_loss_coef=0.1))
+
+
+class _DoubledAuxMixtral(transformers.MixtralForCausalLM):
+    """A MoE causal LM whose forward weights its router loss in a way raypo does not know."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        if output.aux_loss is not None:
+            output.aux_loss = output.aux_loss * 2
+        return output
+
+
+def test_a_router_loss_raypo_does_not_reproduce_is_refused(batch) -> None:
+    _, _, extra = ARCHITECTURES["mixtral"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _DoubledAuxMixtral(transformers.MixtralConfig(**COMMON, **extra)).double()
+    named = r"router load-balancing loss of _DoubledAuxMixtral \(model_type 'mixtral'\)"
+    with pytest.raises(UnsupportedModelError, match=named):
+        sequence_stats_and_aux_loss(model, batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -271,3 +272,94 @@ def test_load_tokenizer_sets_pad_to_eos_when_missing(
     loaded = models.load_tokenizer(str(tmp_path))
     assert loaded.pad_token == "<|eos|>"
     assert loaded.pad_token_id == 1
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_attn_implementation_reaches_the_model(tiny_dir: Path, kernel: str) -> None:
+    model, _ = models.load_policy(str(tiny_dir), attn_implementation=kernel)
+    assert model.config._attn_implementation == kernel
+
+
+def test_model_config_load_kwargs_reach_from_pretrained(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """attn_implementation and trust_remote_code reach the model's and the tokenizer's
+    from_pretrained; trust_remote_code is warned about once per model, naming it."""
+    from raypo.config import ModelConfig
+
+    calls: list[tuple[str, dict]] = []
+    for auto in (AutoModelForCausalLM, AutoTokenizer):
+        original = auto.from_pretrained.__func__
+
+        def record(cls, source, *args, _original=original, **kwargs):
+            calls.append((cls.__name__, kwargs))
+            return _original(cls, source, *args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(record))
+    monkeypatch.setattr(models, "_REMOTE_CODE_WARNED", set())
+    config = ModelConfig(name_or_path=str(tiny_dir), attn_implementation="eager")
+    remote = ModelConfig(name_or_path=str(tiny_dir), trust_remote_code=True)
+    model, _ = models.load_policy(str(tiny_dir), **config.load_kwargs)
+    assert model.config._attn_implementation == "eager"
+    assert {name: kwargs["trust_remote_code"] for name, kwargs in calls} == {
+        "AutoModelForCausalLM": False,
+        "AutoTokenizer": False,
+    }
+    assert "trust_remote_code is on" not in caplog.text
+    calls.clear()
+    for _ in range(2):
+        models.load_policy(str(tiny_dir), **remote.load_kwargs)
+    assert {kwargs["trust_remote_code"] for _, kwargs in calls} == {True}
+    assert {name for name, _ in calls} == {"AutoModelForCausalLM", "AutoTokenizer"}
+    warning = f"model.trust_remote_code is on: running Python code shipped with {tiny_dir}"
+    assert caplog.text.count(warning) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="has flash-attn")
+def test_a_missing_attention_kernel_names_the_setting(tiny_dir: Path) -> None:
+    with pytest.raises(models.ModelLoadError, match="model.attn_implementation: sdpa"):
+        models.load_policy(str(tiny_dir), attn_implementation="flash_attention_2")
+
+
+def _train_mode_logps(model: torch.nn.Module, tokenizer) -> torch.Tensor:
+    from raypo.data.collate import collate_pairs
+    from raypo.forward import sequence_stats
+
+    columns = {
+        "prompt_ids": [tokenizer("\n\nHuman: hi\n\nAssistant:")["input_ids"]],
+        "chosen_ids": [tokenizer(" hello there")["input_ids"]],
+        "rejected_ids": [tokenizer(" go away")["input_ids"]],
+    }
+    model.train()
+    with torch.no_grad():
+        return sequence_stats(model, collate_pairs(columns, tokenizer.pad_token_id)).logps
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_makes_train_mode_log_probs_deterministic(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path, disable: bool
+) -> None:
+    """Llama's attention dropout is a float attribute the attention kernel reads in train mode,
+    not an nn.Dropout: disable_dropout_in_model zeroes it too (TRL's misses it)."""
+    model = models.build_tiny_model(models.TinyModelSpec(), tokenizer)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = models.load_policy(str(tmp_path))
+    assert loaded.model.layers[0].self_attn.attention_dropout == 0.5
+    if disable:
+        models.disable_dropout_in_model(loaded)
+    first = _train_mode_logps(loaded, loaded_tokenizer)
+    second = _train_mode_logps(loaded, loaded_tokenizer)
+    assert torch.equal(first, second) == disable
+    assert loaded.config.attention_dropout == 0.5  # an exported model keeps its own rate
+
+
+def test_disable_dropout_zeroes_dropout_modules_and_rates() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3))
+    model[0].hidden_dropout = 0.2
+    model[0].resid_pdrop = 0.1
+    model[0].use_dropout = True  # a flag, not a rate
+    models.disable_dropout_in_model(model)
+    assert model[1].p == 0.0
+    assert (model[0].hidden_dropout, model[0].resid_pdrop, model[0].use_dropout) == (0, 0, True)

@@ -21,12 +21,12 @@ import numpy as np
 import ray.data
 import torch
 
-from raypo.config import RaypoConfig
+from raypo.config import ModelConfig, RaypoConfig
 from raypo.data.collate import collate_pairs
 from raypo.data.pipeline import PreparedData, read_split
 from raypo.data.readers import list_sources
 from raypo.forward import reference_columns
-from raypo.models import load_policy, resolve_model_path
+from raypo.models import disable_dropout_in_model, load_policy, resolve_model_path
 
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_hn_chosen", "ref_hn_rejected")
 FINGERPRINT_FILE = "fingerprint.json"
@@ -76,8 +76,11 @@ def reference_fingerprint(config: RaypoConfig) -> str:
 class ReferenceScorer:
     """Ray Data actor: holds the reference model, annotates batches of tokenised pairs."""
 
-    def __init__(self, model_path: str, dtype: str, chunk_size: int) -> None:
-        self.model, tokenizer = load_policy(model_path, dtype)
+    def __init__(self, model_path: str, model: ModelConfig, chunk_size: int) -> None:
+        self.model, tokenizer = load_policy(model_path, **model.load_kwargs)
+        if model.disable_dropout:
+            # As TRL does for its reference model (eval mode already stops transformers' own).
+            disable_dropout_in_model(self.model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.pad_token_id = tokenizer.pad_token_id
@@ -106,7 +109,7 @@ def run_reference_pass(config: RaypoConfig, prepared: PreparedData) -> Reference
             ReferenceScorer,
             fn_constructor_kwargs={
                 "model_path": resolve_model_path(config.reference_model_path),
-                "dtype": config.model.dtype,
+                "model": config.model,
                 "chunk_size": config.trainer.logits_chunk_size,
             },
             batch_size=reference.batch_size,

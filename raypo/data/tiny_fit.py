@@ -36,6 +36,10 @@ _MAX_GRAD_NORM = 1.0
 _REPORT_TEXTS = 256
 """The loss before and after is measured on the first this many texts (bounded cost)."""
 _IGNORE = -100
+_ATTENTION = "sdpa"
+"""Attention kernel of the fit: the fitted model is raypo's own tiny Llama, fitted on CPU, where
+sdpa (transformers' and ``model.attn_implementation``'s default) is the fast one. The saved
+model records no kernel, so the run loads it with its own ``model.attn_implementation``."""
 
 
 def _encode(
@@ -215,7 +219,7 @@ def _fit_into(
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings["seed"])
-        model, tokenizer = load_policy(str(source), "fp32")
+        model, tokenizer = load_policy(str(source), "fp32", attn_implementation=_ATTENTION)
         sample = list(texts[:_REPORT_TEXTS])
         before = language_model_loss(model, tokenizer, sample, settings["max_length"])
         fit_started = time.perf_counter()

@@ -130,12 +130,26 @@ def load_eval_pairs(config: RaypoConfig) -> list[EvalPair]:
 
 
 class HFSampler:
-    """Ray actor: a transformers causal LM sampling with ``generate``."""
+    """Ray actor: a transformers causal LM sampling with ``generate``, loaded with ``dtype``,
+    ``attn_implementation`` and ``trust_remote_code`` (``ModelConfig.load_kwargs``)."""
 
-    def __init__(self, model_path: str, dtype: str, batch_size: int) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str,
+        batch_size: int,
+        *,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         from raypo.models import load_policy
 
-        self.model, self.tokenizer = load_policy(model_path, dtype)
+        self.model, self.tokenizer = load_policy(
+            model_path,
+            dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.batch_size = batch_size
@@ -170,22 +184,39 @@ def _actor_options(backend: str, config: EvalConfig) -> dict[str, Any]:
     return {"num_cpus": 1, "num_gpus": config.tensor_parallel_size if backend == "vllm" else 1}
 
 
-def _actor_class(backend: str, model_path: str, config: EvalConfig, dtype: str) -> tuple:
+def _actor_class(
+    backend: str, model_path: str, config: EvalConfig, dtype: str, loading: dict[str, Any]
+) -> tuple:
     if backend == "vllm":
         from raypo.eval.vllm_actor import VLLMSampler
 
         return VLLMSampler, {"model_path": model_path, "dtype": dtype, "config": config}
-    return HFSampler, {"model_path": model_path, "dtype": dtype, "batch_size": config.batch_size}
+    return HFSampler, {
+        "model_path": model_path,
+        "dtype": dtype,
+        "batch_size": config.batch_size,
+        **loading,
+    }
 
 
 def sample_completions(
-    backend: str, model_path: str, prompts: list[list[int]], config: EvalConfig, dtype: str
+    backend: str,
+    model_path: str,
+    prompts: list[list[int]],
+    config: EvalConfig,
+    dtype: str,
+    *,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
 ) -> SampleRun:
     """Sample ``config.n`` completions per prompt with ``config.num_actors`` actors of
     ``backend``, each taking a contiguous share of the prompts; the actors end afterwards so
-    the next model gets their memory."""
+    the next model gets their memory. ``attn_implementation`` and ``trust_remote_code`` reach
+    the ``hf`` backend's ``from_pretrained`` (``**ModelConfig.load_kwargs`` passes all three
+    loading settings)."""
     settings = SamplingSettings.from_config(config)
-    cls, kwargs = _actor_class(backend, model_path, config, dtype)
+    loading = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
+    cls, kwargs = _actor_class(backend, model_path, config, dtype, loading)
     remote_cls = ray.remote(cls).options(**_actor_options(backend, config))
     shares = [s for s in np.array_split(np.arange(len(prompts)), config.num_actors) if s.size]
     started = time.perf_counter()

@@ -257,16 +257,25 @@ def pair_logps(
     *,
     batch_size: int,
     chunk_size: int,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed completion log-probs of a causal LM over pairs, as float64 ``[P]`` arrays.
 
     ``rows`` holds equal-length columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (token
     id lists); the batches go through :func:`raypo.data.collate.collate_pairs` and
-    :func:`raypo.forward.sequence_stats` exactly as in training. Returns (chosen, rejected).
+    :func:`raypo.forward.sequence_stats` exactly as in training; the model is loaded with
+    ``dtype``, ``attn_implementation`` and ``trust_remote_code`` (``ModelConfig.load_kwargs``).
+    Returns (chosen, rejected).
     """
     from raypo.models import load_policy
 
-    model, tokenizer = load_policy(model_path, dtype)
+    model, tokenizer = load_policy(
+        model_path,
+        dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
     device = _device()
     model.to(device).eval()
     chosen: list[np.ndarray] = []

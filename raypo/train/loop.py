@@ -30,7 +30,7 @@ from raypo.config import RaypoConfig
 from raypo.data.collate import collate_pairs
 from raypo.generation import SamplingSettings
 from raypo.mixdpo import StrengthDistribution
-from raypo.models import load_policy
+from raypo.models import disable_dropout_in_model, load_policy
 from raypo.objectives import objective
 from raypo.step import ForwardSettings, StepResult, preference_step
 from raypo.train.batches import MicroBatch, lockstep_batches, until_accumulation_boundary
@@ -94,7 +94,11 @@ class Worker:
     def forward(self) -> ForwardSettings:
         """How the policy and the online reference run their forwards."""
         trainer = self.config.trainer
-        return ForwardSettings(trainer.logits_chunk_size, partitioned_head=trainer.zero_stage == 3)
+        return ForwardSettings(
+            trainer.logits_chunk_size,
+            partitioned_head=trainer.zero_stage == 3,
+            router_aux_loss_coef=self.config.model.router_aux_loss_coef,
+        )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -110,8 +114,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def _load_for_training(config: RaypoConfig, path: str) -> tuple[Any, Any]:
+    """The policy or reference model at ``path`` and its tokenizer, loaded as ``model.*`` says."""
+    model, tokenizer = load_policy(path, **config.model.load_kwargs)
+    if config.model.disable_dropout:
+        disable_dropout_in_model(model)
+    return model, tokenizer
+
+
 def _online_reference(config: RaypoConfig, reference_path: str, world_size: int) -> Any:
-    model, _ = load_policy(reference_path, config.model.dtype)
+    model, _ = _load_for_training(config, reference_path)
     model.requires_grad_(False)
     model.eval()
     if config.trainer.zero_stage == 3:
@@ -129,7 +141,7 @@ def build_worker(plan: WorkerPlan) -> Worker:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed)
-    policy, tokenizer = load_policy(plan.policy_path, config.model.dtype)
+    policy, tokenizer = _load_for_training(config, plan.policy_path)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     ds_config = deepspeed_config(config.trainer, config.model, world_size)
