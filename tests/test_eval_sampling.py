@@ -57,6 +57,24 @@ def test_choose_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_backend("vllm").reason == "eval.backend is vllm"
 
 
+def test_actors_get_the_loading_settings() -> None:
+    """The transformers sampler gets every loading setting; vLLM (its own attention kernels)
+    gets remote code only, for its engine and tokenizer."""
+    config = _eval_config()
+    loading = {"attn_implementation": "eager", "trust_remote_code": True}
+    cls, kwargs = sampling._actor_class("hf", "m", config, "bf16", loading)
+    assert cls is HFSampler
+    assert kwargs == {"model_path": "m", "dtype": "bf16", "batch_size": 2, **loading}
+    cls, kwargs = sampling._actor_class("vllm", "m", config, "bf16", loading)
+    assert cls.__name__ == "VLLMSampler"
+    assert kwargs == {
+        "model_path": "m",
+        "dtype": "bf16",
+        "config": config,
+        "trust_remote_code": True,
+    }
+
+
 def test_greedy_with_several_samples_is_refused() -> None:
     with pytest.raises(Exception, match="eval.n 1 or eval.temperature > 0"):
         load_config(None, ["--eval.temperature=0", "--eval.n=2"])

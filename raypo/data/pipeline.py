@@ -93,8 +93,8 @@ def eval_assignment(pair_id: str, seed: int, eval_fraction: float) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str) -> Any:
-    return load_tokenizer(path)
+def _tokenizer(path: str, trust_remote_code: bool) -> Any:
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def _empty_token_columns() -> dict[str, Any]:
@@ -145,12 +145,16 @@ def _output_rows(
 
 
 def _process_source(
-    item: dict[str, Any], data: DataConfig, tokenizer_path: str, seed: int
+    item: dict[str, Any],
+    data: DataConfig,
+    tokenizer_path: str,
+    trust_remote_code: bool,
+    seed: int,
 ) -> Iterator[dict[str, Any]]:
     """Read, validate and tokenise one source; one output row per row read."""
     source = Source(**json.loads(item["source"]))
     fixed_split = item["fixed_split"] or None
-    tokenizer = _tokenizer(tokenizer_path)
+    tokenizer = _tokenizer(tokenizer_path, trust_remote_code)
     pending: list[Any] = []
     for record in read_pairs(source, data, item["hf_split"] or None):
         pending.append(record)
@@ -251,12 +255,15 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
     prepared = layout.prepared
     if prepared.exists():
         shutil.rmtree(prepared)
-    tokenizer_path = resolve_model_path(config.model.tokenizer_path)
     apply_row_order(data)
     items = _source_items(data)
+    tokenizing = {
+        "tokenizer_path": resolve_model_path(config.model.tokenizer_path),
+        "trust_remote_code": config.model.trust_remote_code,
+    }
     rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
         _process_source,
-        fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "seed": config.seed},
+        fn_kwargs={"data": data, **tokenizing, "seed": config.seed},
         num_cpus=data.num_cpus_per_op,
     )
     if data.max_rows is not None:

@@ -87,7 +87,8 @@ def _with_model(config: RaypoConfig, fitted_model: Path | None) -> RaypoConfig:
 def fit_tiny(config: RaypoConfig, data: PreparedData) -> Path:
     """Fit the embedded tiny model to the chosen dialogues so the reference is not random;
     returns the fitted model's directory (``RUN_DIR/tiny-fit``)."""
-    tokenizer = load_tokenizer(config.model.tokenizer_path)
+    model = config.model
+    tokenizer = load_tokenizer(model.tokenizer_path, trust_remote_code=model.trust_remote_code)
     rows = read_split(data.split_path("train")).limit(FIT_TEXTS).take_all()
     texts = [tokenizer.decode(list(r["prompt_ids"]) + list(r["chosen_ids"])) for r in rows]
     return fit_reference(

@@ -118,7 +118,7 @@ def _score(
     rows = _logp_rows(pairs, policy, baseline)
     logps = ray.remote(pair_logps).options(**options, num_returns=2)
     common = {
-        "dtype": config.model.dtype,
+        **config.model.load_kwargs,
         "batch_size": config.eval.batch_size,
         "chunk_size": config.trainer.logits_chunk_size,
     }
@@ -255,13 +255,13 @@ def evaluate(config: RaypoConfig, log: Callable[[str], None] = logger.info) -> d
     pairs = load_eval_pairs(config)
     prompt_pairs = pairs[: config.eval.num_prompts] if config.eval.num_prompts else pairs
     prompts = [p.prompt_ids for p in prompt_pairs]
-    tokenizer = load_tokenizer(paths.policy)
+    tokenizer = load_tokenizer(paths.policy, trust_remote_code=config.model.trust_remote_code)
     prompt_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
     log(f"sampling {config.eval.n} x {len(prompts)} completions from policy and baseline")
-    dtype = config.model.dtype
+    loading = config.model.load_kwargs
     runs = (
-        sample_completions(backend.name, paths.policy, prompts, config.eval, dtype),
-        sample_completions(backend.name, paths.baseline, prompts, config.eval, dtype),
+        sample_completions(backend.name, paths.policy, prompts, config.eval, **loading),
+        sample_completions(backend.name, paths.baseline, prompts, config.eval, **loading),
     )
     sampled = time.perf_counter()
     scores = _score(config, paths, pairs, prompt_texts, *runs)

@@ -190,7 +190,14 @@ def _actor_class(
     if backend == "vllm":
         from raypo.eval.vllm_actor import VLLMSampler
 
-        return VLLMSampler, {"model_path": model_path, "dtype": dtype, "config": config}
+        # vLLM chooses its own attention kernels: of the loading settings only remote code
+        # applies to it.
+        return VLLMSampler, {
+            "model_path": model_path,
+            "dtype": dtype,
+            "config": config,
+            "trust_remote_code": loading["trust_remote_code"],
+        }
     return HFSampler, {
         "model_path": model_path,
         "dtype": dtype,
@@ -212,8 +219,8 @@ def sample_completions(
     """Sample ``config.n`` completions per prompt with ``config.num_actors`` actors of
     ``backend``, each taking a contiguous share of the prompts; the actors end afterwards so
     the next model gets their memory. ``attn_implementation`` and ``trust_remote_code`` reach
-    the ``hf`` backend's ``from_pretrained`` (``**ModelConfig.load_kwargs`` passes all three
-    loading settings)."""
+    the ``hf`` backend's ``from_pretrained``, ``trust_remote_code`` also vLLM's engine and
+    tokenizer (``**ModelConfig.load_kwargs`` passes all three loading settings)."""
     settings = SamplingSettings.from_config(config)
     loading = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
     cls, kwargs = _actor_class(backend, model_path, config, dtype, loading)

@@ -39,17 +39,22 @@ def cpu_runtime_env(config: EvalConfig) -> dict[str, Any]:
 
 
 class VLLMSampler:
-    """Ray actor: one vLLM engine for ``model_path`` sampling from token-id prompts."""
+    """Ray actor: one vLLM engine for ``model_path`` sampling from token-id prompts;
+    ``trust_remote_code`` (``model.trust_remote_code``) lets the engine and the tokenizer run
+    code shipped with the model."""
 
-    def __init__(self, model_path: str, dtype: str, config: EvalConfig) -> None:
+    def __init__(
+        self, model_path: str, dtype: str, config: EvalConfig, *, trust_remote_code: bool = False
+    ) -> None:
         from vllm import LLM
 
         from raypo.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,
+            trust_remote_code=trust_remote_code,
             dtype=VLLM_DTYPES[dtype],
             seed=config.seed,
             tensor_parallel_size=config.tensor_parallel_size,

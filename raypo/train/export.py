@@ -13,8 +13,37 @@ from raypo.models import load_tokenizer
 from raypo.run_layout import ExportLayout
 
 
-def export_policy(engine: Any, tokenizer_path: str, output_dir: Path, rank: int) -> None:
-    """Write ``save_pretrained`` weights and the tokenizer to ``output_dir`` from rank 0.
+def save_tokenizer(
+    tokenizer_path: str,
+    output_dir: Path,
+    *,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Write the run's tokenizer to ``output_dir``.
+
+    ``chat_template`` (``data.chat_template``) replaces the tokenizer's own template, so that the
+    exported model renders chat messages as training tokenised them: vLLM and transformers'
+    ``apply_chat_template`` read the template from the saved tokenizer. ``trust_remote_code``
+    is ``model.trust_remote_code``.
+    """
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(output_dir))
+
+
+def export_policy(
+    engine: Any,
+    tokenizer_path: str,
+    output_dir: Path,
+    rank: int,
+    *,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Write ``save_pretrained`` weights and the tokenizer (:func:`save_tokenizer`, with
+    ``chat_template`` and ``trust_remote_code``) to ``output_dir`` from rank 0.
 
     Under ZeRO-3 every rank holds a shard: all ranks take part in gathering the full 16-bit (or
     fp32) state dict (DeepSpeed's ``stage3_gather_16bit_weights_on_model_save``), rank 0 writes it.
@@ -29,7 +58,12 @@ def export_policy(engine: Any, tokenizer_path: str, output_dir: Path, rank: int)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         module.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
-        load_tokenizer(tokenizer_path).save_pretrained(str(output_dir))
+        save_tokenizer(
+            tokenizer_path,
+            output_dir,
+            chat_template=chat_template,
+            trust_remote_code=trust_remote_code,
+        )
     if dist.is_initialized():
         dist.barrier()
 
