@@ -191,6 +191,14 @@ class TrainerConfig(Section):
     logits_chunk_size: int = bounded(1024, ">= 1")
     """Sequence positions per chunk when log-probs and entropy are computed from the logits; it
     bounds the fp32 [batch, chunk, vocab] peak (raypo.dispersion)."""
+    padding_free: Literal["auto", "bucketed", "packed", "off"] = "auto"
+    """How the policy and reference forwards skip the padding of a batch (per-sequence results
+    equal the padded computation). ``bucketed``: the sequences sorted by length into a few groups,
+    one right-padded forward each (any model, any attention kernel). ``packed``: all sequences end
+    to end in rows with restarting position ids, one forward (flash attention's variable-length
+    kernel on GPUs; a block-diagonal mask with SDPA/eager), checked once per model. ``auto``:
+    packed with flash attention or ZeRO-3 (every rank must run the same number of forwards),
+    else bucketed. ``off``: one forward of the padded batch."""
     logging_steps: int = bounded(10, ">= 1")
     """Write metrics to metrics.jsonl and the progress display every this many steps."""
     save_steps: int = bounded(500, ">= 0")
@@ -219,6 +227,12 @@ class TrainerConfig(Section):
             not self.offload_params or self.zero_stage == 3,
             "offload_params",
             f"needs trainer.zero_stage 3 (it is {self.zero_stage})",
+        )
+        self._require(
+            not (self.padding_free == "bucketed" and self.zero_stage == 3),
+            "padding_free",
+            "bucketed runs a data-dependent number of forwards per step, which DeepSpeed ZeRO-3 "
+            "ranks cannot do in step (they gather parameters together); use packed or auto",
         )
         unknown = [sink for sink in self.report_to if sink not in _REPORTERS]
         self._require(not unknown, "report_to", f"each entry must be one of {_REPORTERS}")

@@ -30,13 +30,13 @@ from raypo.dispersion import SequenceStats, dispersion_weight
 from raypo.forward import (
     REFERENCE_PREFIX,
     reference_columns,
-    router_aux_loss_coef,
     sequence_stats,
     sequence_stats_and_aux_loss,
     split_pairs,
 )
 from raypo.losses import PreferenceBatch, preference_loss
 from raypo.mixdpo import StrengthDistribution
+from raypo.model_parts import router_aux_loss_coef
 from raypo.objectives import Objective, objective
 
 
@@ -51,7 +51,10 @@ class ForwardSettings:
     router_aux_loss_coef: float | None = None
     """Weight of a Mixture-of-Experts policy's router load-balancing loss
     (``model.router_aux_loss_coef``); None = the model config's own
-    (:func:`raypo.forward.router_aux_loss_coef`)."""
+    (:func:`raypo.model_parts.router_aux_loss_coef`)."""
+    padding_free: str = "auto"
+    """How the decoder skips padding (``trainer.padding_free``: ``auto``, ``bucketed``,
+    ``packed``, ``off``; :func:`raypo.forward.padding_free_layout`)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,11 @@ def _policy_forward(
 ) -> tuple[SequenceStats, Tensor | None]:
     """The policy's summed completion log-probs and, ``with_aux_loss``, its router
     load-balancing loss from the same forward (else None)."""
-    settings = {"chunk_size": forward.chunk_size, "partitioned_head": forward.partitioned_head}
+    settings = {
+        "chunk_size": forward.chunk_size,
+        "partitioned_head": forward.partitioned_head,
+        "padding_free": forward.padding_free,
+    }
     if with_aux_loss:
         return sequence_stats_and_aux_loss(policy, batch, **settings)
     return sequence_stats(policy, batch, compute_entropy=False, **settings), None
@@ -149,6 +156,7 @@ def _reference_values(
             forward.chunk_size,
             partitioned_head=forward.partitioned_head,
             compute_entropy=spec.uses_dispersion,
+            padding_free=forward.padding_free,
         )
     columns = {name: value for name, value in batch.items() if name.startswith(REFERENCE_PREFIX)}
     needed = ["ref_chosen_logps", "ref_rejected_logps"] if spec.uses_reference else []

@@ -174,6 +174,12 @@ FILE_ERRORS = [
     ("model:\n  dtype: fp16\n", "model.dtype", "'fp16'", "needs trainer.use_gpu true"),
     ("trainer:\n  report_to: [neptune]\n", "trainer.report_to", "['neptune']", "tensorboard"),
     ("name: a/b\n", "name", "'a/b'", "letters, digits"),
+    (
+        "trainer:\n  zero_stage: 3\n  padding_free: bucketed\n",
+        "trainer.padding_free",
+        "'bucketed'",
+        "ZeRO-3",
+    ),
     ("run_dir: out/{nam}\n", "run_dir", "'out/{nam}'", "only placeholder is {name}"),
 ]
 

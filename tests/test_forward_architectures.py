@@ -24,14 +24,8 @@ from torch import Tensor, nn
 from raypo.config import LossConfig
 from raypo.data.collate import collate_pairs
 from raypo.dispersion import sequence_logps_and_entropy
-from raypo.forward import (
-    HEAD_TRANSFORMS,
-    UnsupportedModelError,
-    head_transform,
-    reference_columns,
-    sequence_stats,
-    sequence_stats_and_aux_loss,
-)
+from raypo.forward import reference_columns, sequence_stats, sequence_stats_and_aux_loss
+from raypo.model_parts import HEAD_TRANSFORMS, UnsupportedModelError, head_transform
 from raypo.step import ForwardSettings, preference_step
 
 VOCAB = 320
@@ -72,6 +66,8 @@ ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
     ),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, num_local_experts=4)),
 }
+FLOAT32_NORMS = ["cohere", "gemma2", "gemma3_text"]
+"""The architectures whose norms compute in float32 whatever the model's dtype."""
 TRANSFORMED = ["gemma2", "gemma3_text", "granite", "cohere"]
 """The architectures whose forward changes the lm-head's output."""
 
@@ -144,9 +140,12 @@ def own_batch_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 @pytest.mark.parametrize("partitioned_head", [False, True], ids=["weight", "module"])
 def test_logps_entropy_and_gradients_equal_the_models_own(case, batch, partitioned_head) -> None:
     """Values to 1e-12 relative; gradients of a fixed combination of the log-probs to 1e-9 of
-    each parameter's largest gradient entry."""
+    each parameter's largest gradient entry. The padded batch (``padding_free="off"``), as the
+    gradients' reference is; the padding-free layouts have their own test below."""
     name, model, _ = case
-    stats = sequence_stats(model, batch, chunk_size=3, partitioned_head=partitioned_head)
+    stats = sequence_stats(
+        model, batch, chunk_size=3, partitioned_head=partitioned_head, padding_free="off"
+    )
     expected_logps, expected_hn = own_stats(model)
     np.testing.assert_allclose(stats.logps.detach(), expected_logps.detach(), rtol=1e-12)
     np.testing.assert_allclose(stats.hn, expected_hn, rtol=1e-12)
@@ -162,6 +161,30 @@ def test_logps_entropy_and_gradients_equal_the_models_own(case, batch, partition
             continue
         scale = float(want.abs().max().clamp_min(1e-300))
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * scale, msg=param_name)
+
+
+@pytest.mark.parametrize("layout", ["bucketed", "packed"])
+def test_padding_free_layouts_equal_the_models_own(case, batch, layout: str) -> None:
+    """Each layout's log-probs and entropies equal the model's own forward of each sequence
+    alone (1e-12 relative), and so do the gradients of a combination of them (1e-9 of each
+    parameter's largest entry; the norms of Cohere and Gemma compute in float32 even in a float64
+    model, which makes any two layouts' gradients differ at 1e-7)."""
+    name, model, _ = case
+    stats = sequence_stats(model, batch, chunk_size=3, padding_free=layout)
+    expected_logps, expected_hn = own_stats(model)
+    np.testing.assert_allclose(stats.logps.detach(), expected_logps.detach(), rtol=1e-12)
+    np.testing.assert_allclose(stats.hn, expected_hn, rtol=1e-12)
+    weights = torch.linspace(-1.0, 1.5, 4, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad((weights * stats.logps).sum(), params, allow_unused=True)
+    theirs = torch.autograd.grad((weights * expected_logps).sum(), params, allow_unused=True)
+    rtol = 1e-6 if name in FLOAT32_NORMS else 1e-9
+    for got, want in zip(ours, theirs, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+            continue
+        scale = float(want.abs().max().clamp_min(1e-300))
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale)
 
 
 def test_reference_columns_equal_the_models_own(case, batch) -> None:
@@ -231,7 +254,7 @@ def test_the_matrix_is_sensitive_to_each_transform(name: str, batch) -> None:
     assert ((untransformed.hn - expected_hn) / expected_hn).abs().max() > 1e-3
     registry = {k: v for k, v in HEAD_TRANSFORMS.items() if k != type(model).__name__}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("raypo.forward.HEAD_TRANSFORMS", registry)
+        patch.setattr("raypo.model_parts.HEAD_TRANSFORMS", registry)
         with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__} .*'{name}'"):
             sequence_stats(build(name), batch)
 
@@ -390,3 +413,19 @@ def test_a_router_loss_raypo_does_not_reproduce_is_refused(batch) -> None:
     named = r"router load-balancing loss of _DoubledAuxMixtral \(model_type 'mixtral'\)"
     with pytest.raises(UnsupportedModelError, match=named):
         sequence_stats_and_aux_loss(model, batch)
+
+
+def test_a_model_that_does_not_keep_packed_sequences_apart_is_refused(batch) -> None:
+    """A decoder that drops ``position_ids`` sees one long sequence per packed row: refused for
+    ``packed``, and the message names the model and the setting to change."""
+    model = build("llama")
+    own_forward = model.model.forward
+
+    def without_positions(*args, position_ids=None, **kwargs):
+        return own_forward(*args, **kwargs)
+
+    model.model.forward = without_positions
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM .*padding_free: bucketed"):
+        sequence_stats(model, batch, padding_free="packed")
+    stats = sequence_stats(model, batch, padding_free="bucketed")
+    np.testing.assert_allclose(stats.logps.detach(), own_stats(model)[0].detach(), rtol=1e-12)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from raypo.forward import padding_free_layout
 from raypo.padding_free import (
     bucketed_layout,
     length_buckets,
@@ -127,3 +128,25 @@ def test_router_logits_of_real_tokens_are_those_the_padded_mask_counts() -> None
     per_call = [[call.input_ids.reshape(-1, 1).double()] for call in layout.calls]
     (layer,) = real_router_logits(per_call, layout)
     assert sorted(layer.squeeze(1).long().tolist()) == sorted(ids[mask.bool()].tolist())
+
+
+@pytest.mark.parametrize(
+    ("setting", "kernel", "zero3", "layout"),
+    [
+        ("auto", "sdpa", False, "bucketed"),
+        ("auto", "eager", False, "bucketed"),
+        ("auto", "flash_attention_2", False, "packed"),
+        ("auto", "sdpa", True, "packed"),
+        ("off", "flash_attention_2", True, "off"),
+        ("bucketed", "sdpa", False, "bucketed"),
+    ],
+)
+def test_auto_packs_for_flash_attention_and_zero3_else_buckets(
+    setting: str, kernel: str, zero3: bool, layout: str
+) -> None:
+    assert padding_free_layout(setting, kernel, zero3) == layout
+
+
+def test_bucketed_under_zero3_is_refused() -> None:
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        padding_free_layout("bucketed", "sdpa", True)

@@ -76,7 +76,9 @@ def reference_fingerprint(config: RaypoConfig) -> str:
 class ReferenceScorer:
     """Ray Data actor: holds the reference model, annotates batches of tokenised pairs."""
 
-    def __init__(self, model_path: str, model: ModelConfig, chunk_size: int) -> None:
+    def __init__(
+        self, model_path: str, model: ModelConfig, chunk_size: int, padding_free: str
+    ) -> None:
         self.model, tokenizer = load_policy(model_path, **model.load_kwargs)
         if model.disable_dropout:
             # As TRL does for its reference model (eval mode already stops transformers' own).
@@ -85,11 +87,14 @@ class ReferenceScorer:
         self.model.to(self.device).eval()
         self.pad_token_id = tokenizer.pad_token_id
         self.chunk_size = chunk_size
+        self.padding_free = padding_free
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = collate_pairs(batch, self.pad_token_id)
         inputs = {name: value.to(self.device) for name, value in tensors.items()}
-        columns = reference_columns(self.model, inputs, self.chunk_size)
+        columns = reference_columns(
+            self.model, inputs, self.chunk_size, padding_free=self.padding_free
+        )
         return {**batch, **{name: value.cpu().numpy() for name, value in columns.items()}}
 
 
@@ -111,6 +116,7 @@ def run_reference_pass(config: RaypoConfig, prepared: PreparedData) -> Reference
                 "model_path": resolve_model_path(config.reference_model_path),
                 "model": config.model,
                 "chunk_size": config.trainer.logits_chunk_size,
+                "padding_free": config.trainer.padding_free,
             },
             batch_size=reference.batch_size,
             batch_format="numpy",

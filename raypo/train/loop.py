@@ -98,6 +98,7 @@ class Worker:
             trainer.logits_chunk_size,
             partitioned_head=trainer.zero_stage == 3,
             router_aux_loss_coef=self.config.model.router_aux_loss_coef,
+            padding_free=trainer.padding_free,
         )
 
 
@@ -403,6 +404,13 @@ def train_worker(plan: WorkerPlan) -> None:
         state.next_epoch()
     _finish(worker, state, progress)
     final_dir = Path(plan.final_dir)
-    export_policy(worker.engine, plan.tokenizer_path, final_dir, worker.rank)
+    export_policy(
+        worker.engine,
+        plan.tokenizer_path,
+        final_dir,
+        worker.rank,
+        chat_template=plan.config.data.chat_template,
+        trust_remote_code=plan.config.model.trust_remote_code,
+    )
     if worker.strength is not None and worker.rank == 0:
         export_strength(worker.strength, final_dir)

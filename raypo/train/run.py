@@ -32,6 +32,7 @@ from raypo.config import RaypoConfig, save_config
 from raypo.data.pipeline import apply_row_order, read_split
 from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
+from raypo.forward import padding_free_layout
 from raypo.models import resolve_model_path
 from raypo.ray_runtime import init_ray
 from raypo.run_layout import RunLayout
@@ -183,6 +184,14 @@ def _worker_plan(
     )
 
 
+def _print_forward_layout(config: RaypoConfig) -> None:
+    trainer = config.trainer
+    layout = padding_free_layout(
+        trainer.padding_free, config.model.attn_implementation, trainer.zero_stage == 3
+    )
+    print(f"raypo train: forward layout {layout} (trainer.padding_free: {trainer.padding_free})")
+
+
 def train(
     config: RaypoConfig,
     resume: bool = False,
@@ -205,6 +214,7 @@ def train(
         prepared = prepare(config)
     config = prepared.configure(config)
     save_config(config, RunLayout(config.run_path).config)
+    _print_forward_layout(config)
     plan = _worker_plan(config, prepared, step_callbacks)
     datasets = _datasets(config, prepared)
     trainer_config = config.trainer
