@@ -150,7 +150,9 @@ class TrainerConfig(Section):
     num_workers: int = bounded(1, ">= 1")
     """Ray Train workers (data-parallel ranks; one GPU each with ``use_gpu``)."""
     cpus_per_worker: float = bounded(1.0, "> 0")
-    """CPUs reserved per worker; fractional (0.5) lets workers and Ray Data share 2 cores."""
+    """CPUs reserved per worker; fractional (0.5) lets workers and Ray Data share 2 cores. A
+    worker runs torch with this many threads rounded to the nearest whole number (at least 1):
+    1.5 gives 2 threads, the half CPU left to Ray Data's tasks, which run between steps."""
     use_gpu: bool = False
     """Give each worker one GPU (NCCL); off = CPU workers (gloo)."""
     zero_stage: int = bounded(2, "[0, 3]")

@@ -68,8 +68,9 @@ class StepResult:
     apply ``dispersion/*``, ``mixdpo/*``, ``reference/accuracies`` (the reference model's own
     likelihood accuracy on the batch) and ``aux_loss`` (a Mixture-of-Experts policy's router
     load-balancing loss, already weighted into ``loss``)."""
-    tokens: int
-    """Real (non-padding) tokens of the forward, prompt and completions of both halves."""
+    tokens: Tensor
+    """Real (non-padding) tokens of the forward, prompt and completions of both halves: a 0-dim
+    int64 tensor on the batch's device, so that the caller decides when to wait for it."""
 
 
 def preference_step(
@@ -124,7 +125,7 @@ def preference_step(
     if "ref_chosen_logps" in reference:
         ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
         metrics["reference/accuracies"] = (ref_margin > 0).float().mean()
-    return StepResult(value, metrics, int(batch["attention_mask"].sum()))
+    return StepResult(value, metrics, batch["attention_mask"].sum())
 
 
 def _policy_forward(

@@ -133,7 +133,9 @@ def _check_generation_eval(run_path: Path, final_dir: Path, metrics: list[dict])
 
 def test_precomputed_and_online_reference_give_the_same_first_step(ray_session, tmp_path: Path):
     """The reference differs from the policy (a briefly fitted copy), so h != 0 at step 1 and the
-    first loss depends on the reference log-probs; one worker keeps the pair order identical."""
+    first loss depends on the reference log-probs; one worker keeps the pair order identical.
+    The two runs also take the two padding-free layouts (``auto``): bucketed under ZeRO-2 (and
+    in the reference pass), packed under ZeRO-3."""
     tokenizer = load_tokenizer("tiny")
     texts = [tokenizer.decode(tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"])] * 32
     reference = fit_reference(resolve_model_path("tiny"), texts, tmp_path / "ref", steps=20)
@@ -158,10 +160,11 @@ def test_precomputed_and_online_reference_give_the_same_first_step(ray_session, 
 
 
 def test_padding_free_layouts_train_as_the_padded_batch_does(ray_session, tmp_path: Path):
-    """The same config with the padded forward, bucketed and packed: every step's loss within
-    1e-5 (the layouts differ only in rounding), on 2 workers x 4 pairs of lengths 30 to 96."""
+    """The same config with the padded forward and bucketed (``auto`` on CPU): every step's
+    loss within 1e-5 (the layouts differ only in rounding), on 2 workers x 4 pairs of lengths
+    30 to 96. ``packed`` is what ZeRO-3 picks: the online reference test above compares it."""
     losses, prepared = {}, None
-    for layout in ("off", "bucketed", "packed"):
+    for layout in ("off", "bucketed"):
         config = _config(
             tmp_path / layout,
             "--loss.type=mallows_theta",
@@ -174,8 +177,7 @@ def test_padding_free_layouts_train_as_the_padded_batch_does(ray_session, tmp_pa
         result = train(config, prepared=prepared)
         losses[layout] = [row["loss"] for row in read_metrics(result.run_path)]
     assert len(losses["off"]) == 4
-    for layout in ("bucketed", "packed"):
-        assert losses[layout] == pytest.approx(losses["off"], abs=1e-5), losses
+    assert losses["bucketed"] == pytest.approx(losses["off"], abs=1e-5), losses
 
 
 def _latest_checkpoint(run_path: Path, name: str) -> Path:

@@ -13,6 +13,7 @@ to Ray Train every ``logging_steps``; checkpoints every ``save_steps``; held-out
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,28 +47,32 @@ _NO_DECAY = ("bias", "norm", "embed")
 
 @dataclass
 class _Sums:
-    """Pair-weighted sums of step metrics over a logging interval (one all-reduce to average)."""
+    """Pair-weighted sums of step metrics over a logging interval, kept on the device (adding a
+    micro-batch's metrics never waits for the device); one all-reduce averages them."""
 
-    values: dict[str, float] = field(default_factory=dict)
+    values: dict[str, Tensor] = field(default_factory=dict)
     pairs: int = 0
-    tokens: int = 0
+    tokens: Tensor | int = 0
 
-    def add(self, metrics: dict[str, Tensor], pairs: int, tokens: int) -> None:
+    def add(self, metrics: dict[str, Tensor], pairs: int, tokens: Tensor) -> None:
         for name, value in metrics.items():
-            self.values[name] = self.values.get(name, 0.0) + float(value) * pairs
+            weighted = value.detach().double() * pairs
+            self.values[name] = self.values[name] + weighted if name in self.values else weighted
         self.pairs += pairs
-        self.tokens += tokens
+        self.tokens = self.tokens + tokens
 
-    def reduce(self) -> tuple[dict[str, float], int, int]:
-        """Means over all workers' pairs, and the total pairs and tokens."""
+    def reduce(self, device: torch.device) -> tuple[dict[str, float], int, int]:
+        """Means over all workers' pairs, and the total pairs and tokens; ``device`` is where
+        the collective runs (gloo: CPU, NCCL: the GPU)."""
         names = sorted(self.values)
-        local = torch.tensor(
-            [self.values[name] for name in names] + [self.pairs, self.tokens], dtype=torch.float64
-        )
+        counts = [torch.tensor(self.pairs, device=device), torch.as_tensor(self.tokens)]
+        values = [self.values[name] for name in names] + counts
+        local = torch.stack([value.to(device, torch.float64) for value in values])
         if dist.is_initialized():
             dist.all_reduce(local)
-        pairs, tokens = int(local[-2]), int(local[-1])
-        means = {name: local[i].item() / max(pairs, 1) for i, name in enumerate(names)}
+        totals = local.tolist()
+        pairs, tokens = int(totals[-2]), int(totals[-1])
+        means = {name: totals[i] / max(pairs, 1) for i, name in enumerate(names)}
         return means, pairs, tokens
 
 
@@ -136,9 +141,16 @@ def _online_reference(config: RaypoConfig, reference_path: str, world_size: int)
     return model.to(device)
 
 
+def torch_threads(cpus_per_worker: float) -> int:
+    """Intra-op threads of a worker holding ``cpus_per_worker`` CPUs: the nearest whole number,
+    at least 1 (Ray's own ``OMP_NUM_THREADS`` rounds down: 1 thread for 1.5 CPUs)."""
+    return max(1, math.floor(cpus_per_worker + 0.5))
+
+
 def build_worker(plan: WorkerPlan) -> Worker:
     """The engine (and online reference, MixDPO strength) of this Ray Train worker."""
     config = plan.config
+    torch.set_num_threads(torch_threads(config.trainer.cpus_per_worker))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed)
@@ -238,7 +250,7 @@ def _pair_eval(worker: Worker) -> dict[str, float]:
         if micro.real:
             sums.add(result.metrics, len(micro.rows["id"]), result.tokens)
     worker.engine.module.train()
-    means, pairs, _ = sums.reduce()
+    means, pairs, _ = sums.reduce(worker.device)
     return {f"eval/{name}": value for name, value in means.items()} | {"eval/pairs": pairs}
 
 
@@ -297,7 +309,7 @@ class _Progress:
 
 
 def _log_metrics(worker: Worker, sums: _Sums, seconds: float) -> dict[str, float]:
-    means, pairs, tokens = sums.reduce()
+    means, pairs, tokens = sums.reduce(worker.device)
     optimizer = worker.engine.optimizer
     return {
         **means,
