@@ -34,7 +34,7 @@ from raypo.config_base import (
     load_tree,
     unknown_choice,
 )
-from raypo.config_inputs import DataConfig, ModelConfig
+from raypo.config_inputs import DataConfig, LoraConfig, ModelConfig
 from raypo.objectives import OBJECTIVES, reference_free_objectives
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "FieldHelp",
+    "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "RaypoConfig",
@@ -122,8 +123,10 @@ class ReferenceConfig(Section):
     mode: Literal["precomputed", "online", "none"] = "precomputed"
     """``precomputed``: one batch-inference pass over the data before training stores the
     reference log-probs and Hn (cached); the reference is never loaded during training.
-    ``online``: a frozen copy on every worker. ``none``: no reference, only for reference-free
-    objectives (simpo); MallowsPO needs the reference's entropy for w(x)."""
+    ``online``: a frozen copy on every worker (with ``model.lora``: the policy itself with its
+    adapters disabled, no copy, unless ``model_name_or_path`` names other weights). ``none``: no
+    reference, only for reference-free objectives (simpo); MallowsPO needs the reference's
+    entropy for w(x)."""
     model_name_or_path: str | None = None
     """Reference weights (hub id, directory or ``tiny``); null = the policy's starting point
     ``model.name_or_path``."""
@@ -397,6 +400,7 @@ class RaypoConfig(Section):
             raise ConfigError("reference.cache_dir", self.reference.cache_dir, problem)
         self._check_reference()
         self._check_device()
+        self._check_lora()
         if self.eval.during_training_num_prompts and not self.trainer.eval_steps:
             problem = "runs at every trainer.eval_steps, which is 0: set trainer.eval_steps > 0"
             num_prompts = self.eval.during_training_num_prompts
@@ -428,6 +432,12 @@ class RaypoConfig(Section):
         if self.model.attn_implementation == "flash_attention_2":
             problem = "needs trainer.use_gpu true; on CPU use sdpa or eager"
             raise ConfigError("model.attn_implementation", "flash_attention_2", problem)
+
+    def _check_lora(self) -> None:
+        if self.model.lora.enabled and self.trainer.zero_stage == 3:
+            # The merged export would need the adapters gathered from ZeRO-3's shards.
+            problem = "not yet with trainer.zero_stage 3: use trainer.zero_stage 0, 1 or 2"
+            raise ConfigError("model.lora.enabled", True, problem)
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -108,12 +108,13 @@ def sections_of(root: type) -> dict[str, type]:
 
 @cache
 def index_fields(root: type) -> dict[str, Any]:
-    """Every settable dotted key of ``root`` (``seed``, ``loss.beta``) -> its annotation."""
+    """Every settable dotted key of ``root`` (``seed``, ``loss.beta``, ``model.lora.rank``: a
+    section may hold sections) -> its annotation."""
     sections = sections_of(root)
     index: dict[str, Any] = {}
     for name, annotation in field_types(root).items():
         if name in sections:
-            index.update({f"{name}.{k}": t for k, t in field_types(sections[name]).items()})
+            index.update({f"{name}.{k}": t for k, t in index_fields(sections[name]).items()})
         else:
             index[name] = annotation
     return index
@@ -368,8 +369,10 @@ def describe_fields(root: type) -> list[FieldHelp]:
 
 def _field_spec(root: type, key: str) -> tuple[type, dataclasses.Field[Any]]:
     """The dataclass declaring the dotted ``key`` of ``root``, and its field."""
-    section, _, name = key.rpartition(".")
-    cls = sections_of(root)[section] if section else root
+    *path, name = key.split(".")
+    cls = root
+    for section in path:
+        cls = sections_of(cls)[section]
     return cls, next(s for s in dataclasses.fields(cls) if s.name == name)
 
 
@@ -409,33 +412,38 @@ def _build_section(cls: type, section: str, data: Any, index: Mapping[str, Any])
         return cls()
     if not isinstance(data, Mapping):
         raise ConfigError(section, data, f"must be a mapping of {section} fields")
+    nested = sections_of(cls)
+    kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{section}.{name}"
-        if key not in index:
+        if name in nested:
+            value = _build_section(nested[name], key, value, index)
+        elif key not in index:
             raise ConfigError(key, value, "unknown key" + suggest(key, list(index)))
-    return cls(**data)
+        kwargs[name] = value
+    return cls(**kwargs)
 
 
 def set_override(raw: dict[str, Any], key: str, value: str, index: Mapping[str, Any]) -> None:
-    """Put one override into the nested mapping ``raw``; ``section.mapping_field.KEY`` sets one
-    entry of a mapping field (``tune.search_space.loss.beta``)."""
-    section, _, rest = key.partition(".")
-    if not rest:
-        raw[section] = value
-        return
-    if section in index:
-        raise ConfigError(key, value, f"{section} has no sub-fields", COMMAND_LINE)
-    if not isinstance(raw.get(section), dict):
-        raw[section] = {}
-    name, _, subkey = rest.partition(".")
-    if not subkey:
-        raw[section][name] = value
-    elif get_origin(index.get(f"{section}.{name}")) is dict:
-        entries = raw[section].get(name)
-        raw[section][name] = {**(entries if isinstance(entries, dict) else {}), subkey: value}
-    else:
-        problem = f"{section}.{name} has no sub-fields" + suggest(key, list(index))
-        raise ConfigError(key, value, problem, COMMAND_LINE)
+    """Put one override into the nested mapping ``raw``: ``section.field``, a nested section's
+    ``section.sub.field``, or ``section.mapping_field.KEY``, which sets one entry of a mapping
+    field (``tune.search_space.loss.beta``)."""
+    parts = key.split(".")
+    target = raw
+    for depth in range(1, len(parts)):
+        path, name = ".".join(parts[:depth]), parts[depth - 1]
+        if path in index:
+            if depth == 1 or get_origin(index[path]) is not dict:
+                hint = "" if depth == 1 else suggest(key, list(index))
+                raise ConfigError(key, value, f"{path} has no sub-fields{hint}", COMMAND_LINE)
+            entries = target.get(name)
+            entries = entries if isinstance(entries, dict) else {}
+            target[name] = {**entries, ".".join(parts[depth:]): value}
+            return
+        if not isinstance(target.get(name), dict):
+            target[name] = {}
+        target = target[name]
+    target[parts[-1]] = value
 
 
 def check_search_entry(key: str, expression: str, root: type, grid: bool, where: str) -> None:

@@ -5,7 +5,8 @@ Re-exported by :mod:`raypo.config`, which holds the other sections and the loadi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -14,6 +15,58 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from raypo.config_base import ConfigError, Section, bounded
+
+ALL_LINEAR = "all-linear"
+"""PEFT's name for every linear layer of the model except its output layer."""
+
+
+@dataclass(frozen=True)
+class LoraConfig(Section):
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the policy, with the ``peft`` package: only
+    the adapters (and the MixDPO strength) are trained; the reference is the same model with
+    its adapters disabled, so no second copy of the weights is held."""
+
+    SECTION: ClassVar[str] = "model.lora"
+
+    enabled: bool = False
+    """Train adapters instead of every weight (needs ``pip install raypo[lora]``). The online
+    reference is then the policy with its adapters disabled (unless
+    ``reference.model_name_or_path`` names other weights); ``final/`` holds the merged model and
+    ``final/adapter/`` the adapter in PEFT format. Not yet with ``trainer.zero_stage: 3``."""
+    rank: int = bounded(16, ">= 1")
+    """Rank r of each adapter's low-rank update B A (PEFT's ``r``)."""
+    alpha: float = bounded(32.0, "> 0")
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with
+    ``use_rslora``); PEFT's ``lora_alpha``."""
+    dropout: float = bounded(0.0, "[0, 1)")
+    """Dropout on each adapter's input (PEFT's ``lora_dropout``); independent of
+    ``model.disable_dropout``, which zeroes the base model's own dropout."""
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    """Names (or name suffixes) of the modules that get adapters, e.g. ``[q_proj, v_proj]``;
+    ``[all-linear]`` = every linear layer except the output layer, whatever the architecture
+    calls them. The output layer (lm_head) cannot take an adapter: raypo computes log-probs from
+    its weight in chunks."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them (e.g. ``[embed_tokens]``
+    after adding tokens); [] = none. Not the output layer (see ``target_modules``)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski 2023): scale by alpha / sqrt(r) instead of alpha / r,
+    so that a larger rank does not shrink the update."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024): adapts the direction and learns the
+    magnitude of each weight row separately; slower per step than plain LoRA."""
+
+    def _validate(self) -> None:
+        targets = self.target_modules
+        self._require(bool(targets), "target_modules", f"must not be empty (default: {ALL_LINEAR})")
+        self._require(
+            ALL_LINEAR not in targets or len(targets) == 1,
+            "target_modules",
+            f"{ALL_LINEAR} stands alone: it already names every linear layer",
+        )
+        if self.enabled and importlib.util.find_spec("peft") is None:
+            problem = "needs the peft package: pip install 'raypo[lora]'"
+            raise ConfigError(self._key("enabled"), True, problem)
 
 
 @dataclass(frozen=True)
@@ -53,6 +106,8 @@ class ModelConfig(Section):
     model config's own ``router_aux_loss_coef`` (0.001 for Mixtral and Qwen2-MoE), 0 = none. Only
     models whose config has ``output_router_logits`` have this loss; a non-zero value for any
     other model is an error."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters instead of full fine-tuning (:class:`LoraConfig`); off by default."""
     tiny_fit_steps: int = bounded(0, ">= 0")
     """Only for ``name_or_path: tiny``: optimizer steps of next-token fitting on the training
     data's chosen responses before preference training, so that the reference (the fitted model)

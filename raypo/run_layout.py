@@ -52,6 +52,13 @@ class ExportLayout:
         moments), written only by objectives that learn one."""
         return self.root / "mixdpo_strength.json"
 
+    @property
+    def adapter(self) -> Path:
+        """``adapter/``: the trained LoRA adapter in PEFT format (``adapter_config.json``,
+        ``adapter_model.safetensors``), written only by ``model.lora`` runs, whose weights in
+        the directory itself are the merged model."""
+        return self.root / "adapter"
+
 
 @dataclass(frozen=True)
 class RunLayout:

@@ -11,7 +11,9 @@ optimizer. Data flows one way through it:
    DPOTrainer requests it;
 2. the reference values: the batch's precomputed ``ref_*`` columns, or one forward of an online
    reference model (:func:`raypo.forward.reference_columns`), with the normalised entropies only
-   when the objective needs the dispersion; nothing for reference-free objectives;
+   when the objective needs the dispersion; nothing for reference-free objectives. With LoRA the
+   online reference is the policy itself with its adapters disabled (``reference_context``);
+   the policy's forward has run before, and its backward runs after the context is left;
 3. the MallowsPO dispersion weight ``w(x)`` from the reference entropies
    (:func:`raypo.dispersion.dispersion_weight`), where the objective uses it;
 4. the objective and its metrics (:func:`raypo.losses.preference_loss`), plus
@@ -20,9 +22,12 @@ optimizer. Data flows one way through it:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from raypo.config import LossConfig
@@ -79,6 +84,7 @@ def preference_step(
     loss: LossConfig,
     *,
     reference_model: nn.Module | None = None,
+    reference_context: Callable[[], AbstractContextManager[Any]] | None = None,
     strength: StrengthDistribution | None = None,
     forward: ForwardSettings = ForwardSettings(),
 ) -> StepResult:
@@ -92,6 +98,10 @@ def preference_step(
         reference_model: the frozen reference for ``reference.mode: online``; None = take the
             reference values from the batch's ``ref_*`` columns (or use none, for reference-free
             objectives).
+        reference_context: entered around the online reference's forward, e.g.
+            :func:`raypo.lora.adapters_disabled` of a LoRA policy, ``reference_model`` then
+            being the policy's own transformers model (:func:`raypo.lora.causal_lm`), which
+            computes the base weights' outputs inside; None = no context.
         strength: the MixDPO strength distribution (``loss.type: mixdpo``).
         forward: chunking and ZeRO-3 handling of both forwards, the router loss's weight.
 
@@ -102,7 +112,10 @@ def preference_step(
     spec = objective(loss.type)
     coef = router_aux_loss_coef(policy, forward.router_aux_loss_coef)
     policy_stats, aux_loss = _policy_forward(policy, batch, forward, with_aux_loss=coef != 0.0)
-    reference = _reference_values(spec, batch, reference_model, forward)
+    # The reference is a constant of the objective: no graph, even when it is the policy's own
+    # module (LoRA), whose embedding output may require grad for gradient checkpointing.
+    with torch.no_grad(), (reference_context or nullcontext)():
+        reference = _reference_values(spec, batch, reference_model, forward)
     dispersion = None
     if spec.uses_dispersion:
         hn_chosen, hn_rejected = reference["ref_hn_chosen"], reference["ref_hn_rejected"]

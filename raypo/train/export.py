@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from raypo.lora import is_adapted, save_merged_and_adapter
 from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_tokenizer
 from raypo.run_layout import ExportLayout
@@ -48,7 +49,10 @@ def export_policy(
     Under ZeRO-3 every rank holds a shard: all ranks take part in gathering the full 16-bit (or
     fp32) state dict (DeepSpeed's ``stage3_gather_16bit_weights_on_model_save``), rank 0 writes it.
     Below stage 3 rank 0's module already holds the whole model. The result loads with
-    ``AutoModelForCausalLM.from_pretrained(output_dir)``.
+    ``AutoModelForCausalLM.from_pretrained(output_dir)``. A LoRA policy (``model.lora``, not
+    under ZeRO-3) is written merged, with its adapter in ``output_dir/adapter``
+    (:func:`raypo.lora.save_merged_and_adapter`, which merges in place: the engine's module is
+    not trained further after this).
     """
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -57,7 +61,10 @@ def export_policy(
         state_dict = None
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        module.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
+        if is_adapted(module):
+            save_merged_and_adapter(module, output_dir)
+        else:
+            module.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
         save_tokenizer(
             tokenizer_path,
             output_dir,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,6 +32,7 @@ from torch import Tensor
 from raypo.config import RaypoConfig
 from raypo.data.collate import collate_pairs
 from raypo.generation import SamplingSettings
+from raypo.lora import adapters_disabled, add_adapters, causal_lm
 from raypo.mixdpo import StrengthDistribution
 from raypo.models import disable_dropout_in_model, load_policy
 from raypo.objectives import objective
@@ -83,6 +86,10 @@ class Worker:
     plan: WorkerPlan
     engine: Any
     reference: Any
+    """The online reference model; None with precomputed or no reference values."""
+    reference_context: Callable[[], AbstractContextManager[Any]] | None
+    """Entered around the online reference's forward: with LoRA, the policy's adapters
+    switched off (``reference`` is then the policy itself); else None."""
     strength: StrengthDistribution | None
     strength_optimizer: torch.optim.Optimizer | None
     tokenizer: Any
@@ -94,6 +101,12 @@ class Worker:
     def config(self) -> RaypoConfig:
         """The run's config."""
         return self.plan.config
+
+    @property
+    def policy(self) -> Any:
+        """The transformers model the step and the generation eval run: the engine's module,
+        or the model under its PEFT wrapper with LoRA (:func:`raypo.lora.causal_lm`)."""
+        return causal_lm(self.engine.module)
 
     @property
     def forward(self) -> ForwardSettings:
@@ -141,6 +154,19 @@ def _online_reference(config: RaypoConfig, reference_path: str, world_size: int)
     return model.to(device)
 
 
+def _reference(
+    plan: WorkerPlan, policy: Any, world_size: int
+) -> tuple[Any, Callable[[], AbstractContextManager[Any]] | None]:
+    """The online reference and the context its forward runs in (:class:`Worker`)."""
+    config = plan.config
+    if config.reference.mode != "online":
+        return None, None
+    if config.model.lora.enabled and plan.reference_path == plan.policy_path:
+        # The policy's starting weights are its frozen base: no second copy.
+        return causal_lm(policy), partial(adapters_disabled, policy)
+    return _online_reference(config, plan.reference_path, world_size), None
+
+
 def torch_threads(cpus_per_worker: float) -> int:
     """Intra-op threads of a worker holding ``cpus_per_worker`` CPUs: the nearest whole number,
     at least 1 (Ray's own ``OMP_NUM_THREADS`` rounds down: 1 thread for 1.5 CPUs)."""
@@ -157,6 +183,9 @@ def build_worker(plan: WorkerPlan) -> Worker:
     policy, tokenizer = _load_for_training(config, plan.policy_path)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+    if config.model.lora.enabled:
+        # Before DeepSpeed: param_groups then holds only the adapters, and so does the optimizer.
+        policy = add_adapters(policy, config.model.lora, config.model.gradient_checkpointing)
     ds_config = deepspeed_config(config.trainer, config.model, world_size)
     engine, _, _, _ = deepspeed.initialize(
         model=policy,
@@ -177,13 +206,12 @@ def build_worker(plan: WorkerPlan) -> Worker:
         ).to(engine.device)
         # Its own optimizer and learning rate, never decayed (MixDPO, docs/methods.md).
         strength_optimizer = torch.optim.Adam(strength.parameters(), lr=loss.mixdpo_lr)
-    reference = None
-    if config.reference.mode == "online":
-        reference = _online_reference(config, plan.reference_path, world_size)
+    reference, reference_context = _reference(plan, engine.module, world_size)
     return Worker(
         plan=plan,
         engine=engine,
         reference=reference,
+        reference_context=reference_context,
         strength=strength,
         strength_optimizer=strength_optimizer,
         tokenizer=tokenizer,
@@ -199,10 +227,11 @@ def micro_batch_step(worker: Worker, micro: MicroBatch) -> StepResult:
     collated = collate_pairs(micro.rows, worker.tokenizer.pad_token_id)
     batch = {name: value.to(worker.device) for name, value in collated.items()}
     return preference_step(
-        worker.engine.module,
+        worker.policy,
         batch,
         worker.config.loss,
         reference_model=worker.reference,
+        reference_context=worker.reference_context,
         strength=worker.strength,
         forward=worker.forward,
     )
@@ -260,7 +289,7 @@ def _generation_eval(worker: Worker, step: int) -> dict[str, float]:
         return {}
     config = worker.config
     metrics, records = run_generation_eval(
-        worker.engine.module,
+        worker.policy,
         worker.tokenizer,
         list(plan.generation_prompts),
         SamplingSettings.from_config(config.eval),

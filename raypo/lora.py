@@ -1,0 +1,113 @@
+"""Low-rank adapters on the policy (``model.lora``), with the ``peft`` package.
+
+The policy is wrapped once, after it is loaded and before DeepSpeed sees it
+(:func:`add_adapters`): every weight of the model is frozen and only the adapters (and the
+modules in ``modules_to_save``) require grad, so DeepSpeed's optimizer holds and all-reduces
+only them. The reference of an online run is the same model with its adapters switched off
+(:func:`adapters_disabled`), as TRL does: no second copy of the weights exists. The forward
+code (:mod:`raypo.forward`) reads a transformers model's own parts (its decoder, its lm-head),
+so it is handed :func:`causal_lm`, the transformers model that PEFT wraps, whose layers carry the
+adapters. ``peft`` is imported only where adapters are in use: it is an optional extra
+(``pip install 'raypo[lora]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from raypo.config import LoraConfig
+from raypo.config_inputs import ALL_LINEAR
+from raypo.run_layout import ExportLayout
+
+
+def peft_config(lora: LoraConfig) -> Any:
+    """``model.lora`` as a ``peft.LoraConfig`` for a causal LM."""
+    import peft
+
+    targets = lora.target_modules
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        # PEFT reads the shorthand only as a plain string, never inside a list.
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
+        modules_to_save=list(lora.modules_to_save) or None,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+    )
+
+
+def add_adapters(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> Any:
+    """``model`` wrapped by ``peft.get_peft_model``: its weights frozen, fresh adapters (B = 0,
+    so the wrapped model computes what ``model`` computes) trainable.
+
+    ``gradient_checkpointing``: the model recomputes activations in its backward. The embedding
+    output is then made to require grad: with re-entrant checkpointing (transformers' default
+    before v5) a checkpointed block whose inputs need no grad is never differentiated, and the
+    adapters inside it would get no gradient.
+
+    Raises:
+        ValueError: the adapters reached the output layer, whose plain weight raypo's chunked
+            log-probs read directly (:func:`raypo.model_parts.lm_head`).
+    """
+    import peft
+
+    head = model.get_output_embeddings()
+    wrapped = peft.get_peft_model(model, peft_config(lora))
+    if type(causal_lm(wrapped).get_output_embeddings()) is not type(head):
+        raise ValueError(
+            "model.lora.target_modules / modules_to_save name the output layer: raypo computes "
+            "log-probs from its weight in chunks, so it must stay a plain layer; leave it out"
+        )
+    if gradient_checkpointing:
+        wrapped.enable_input_require_grads()
+    return wrapped
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (the policy of a ``model.lora`` run)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper, adapters in its layers (a PEFT model's own
+    attributes, ``base_model`` first, are PEFT's, not the transformers model's); any other
+    model unchanged."""
+    return model.get_base_model() if is_adapted(model) else model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside: ``model`` (a PEFT model) computes its base weights' outputs, in eval mode (as a
+    separate reference model would: no dropout); on exit its adapters and mode are restored."""
+    training = model.training
+    try:
+        with model.disable_adapter():
+            model.eval()
+            yield
+    finally:
+        model.train(training)
+
+
+def save_merged_and_adapter(model: nn.Module, output_dir: Path) -> None:
+    """Write the adapter in PEFT format to ``output_dir/adapter``
+    (:attr:`raypo.run_layout.ExportLayout.adapter`; ``PeftModel.from_pretrained`` and vLLM's LoRA
+    support read it), then the merged model (base + adapter as plain weights) to ``output_dir``
+    with ``save_pretrained``, loadable as any transformers model.
+
+    The merge is done in place: ``model`` holds merged weights and no adapters afterwards, so
+    this is the last use of a trained policy (a copy would double the memory of rank 0).
+    """
+    model.save_pretrained(str(ExportLayout(output_dir).adapter), safe_serialization=True)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(output_dir), safe_serialization=True)

@@ -1,0 +1,166 @@
+"""LoRA on the tiny model (:mod:`raypo.lora`): the ``model.lora`` config section, the adapted
+policy's trainable parameters, the adapter-disabled reference against a separate frozen copy,
+and the merged export against base + adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from hh_pairs import hh_columns
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from raypo.config import ConfigError, LossConfig, config_to_yaml, load_config
+from raypo.config_inputs import LoraConfig
+from raypo.data.collate import collate_pairs
+from raypo.forward import reference_columns
+from raypo.lora import adapters_disabled, add_adapters, causal_lm, save_merged_and_adapter
+from raypo.models import load_policy, resolve_model_path
+from raypo.run_layout import ExportLayout
+from raypo.step import preference_step
+from raypo.train.loop import param_groups
+
+LORA = LoraConfig(enabled=True, rank=4, alpha=8.0)
+
+
+def _adapted(gradient_checkpointing: bool = False):
+    """The tiny policy with rank-4 adapters on every linear layer, their B matrices random (a
+    fresh adapter has B = 0 and changes nothing), and its tokenizer."""
+    torch.manual_seed(0)
+    model, tokenizer = load_policy("tiny")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    policy = add_adapters(model, LORA, gradient_checkpointing)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+    return policy, tokenizer
+
+
+def _batch(tokenizer):
+    return collate_pairs(hh_columns(tokenizer, count=4), tokenizer.pad_token_id)
+
+
+def test_lora_section_nests_under_model_from_yaml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  lora:\n    enabled: true\n    rank: 8\n")
+    config = load_config(path, ["--model.lora.target_modules=q_proj,v_proj"])
+    assert config.model.lora == LoraConfig(
+        enabled=True, rank=8, target_modules=["q_proj", "v_proj"]
+    )
+    assert not load_config().model.lora.enabled  # off unless asked for
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(config_to_yaml(config))
+    assert load_config(saved) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--model.lora.rnk=4"], "unknown key; did you mean model.lora.rank?"),
+        (["--model.lora.rank=0"], "model.lora.rank = 0 (from command line): must be >= 1"),
+        (["--model.lora.dropout=1"], "must be in [0, 1)"),
+        (
+            ["--model.lora.target_modules=all-linear,q_proj"],
+            "all-linear stands alone: it already names every linear layer",
+        ),
+        (
+            ["--model.lora.enabled=true", "--trainer.zero_stage=3"],
+            "model.lora.enabled = True (from command line): not yet with trainer.zero_stage 3",
+        ),
+    ],
+)
+def test_bad_lora_settings_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+
+
+def test_lora_without_peft_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name)
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'raypo\[lora\]'"):
+        load_config(None, ["--model.lora.enabled=true"])
+    assert not load_config().model.lora.enabled  # a run without LoRA does not need peft
+
+
+def test_only_adapter_parameters_are_trained(raypo_cache: str) -> None:
+    policy, _ = _adapted()
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable)
+    # every linear layer of every decoder block (7 in a Llama block) has A and B; no lm_head
+    blocks = policy.config.num_hidden_layers
+    assert len(trainable) == 2 * 7 * blocks
+    optimized = [p for group in param_groups(policy, 0.01) for p in group["params"]]
+    assert {id(p) for p in optimized} == {id(p) for p in policy.parameters() if p.requires_grad}
+
+
+def test_output_layer_adapter_is_refused(raypo_cache: str) -> None:
+    model, _ = load_policy("tiny")
+    with pytest.raises(ValueError, match="output layer"):
+        add_adapters(model, LoraConfig(enabled=True, target_modules=["q_proj", "lm_head"]))
+
+
+def test_adapter_disabled_reference_equals_a_separate_frozen_copy(raypo_cache: str) -> None:
+    policy, tokenizer = _adapted()
+    frozen, _ = load_policy("tiny")
+    batch = _batch(tokenizer)
+    policy.train()
+    with adapters_disabled(policy):
+        assert not policy.training  # as a separate reference in eval mode
+        disabled = reference_columns(causal_lm(policy), batch)
+    assert policy.training  # restored on exit
+    expected = reference_columns(frozen.eval(), batch)
+    for name, value in expected.items():
+        torch.testing.assert_close(disabled[name], value, rtol=0, atol=1e-6)
+    adapted = reference_columns(causal_lm(policy), batch)
+    assert not torch.allclose(adapted["ref_chosen_logps"], expected["ref_chosen_logps"])
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_step_with_the_disabled_adapter_reference_trains_only_the_adapters(
+    raypo_cache: str, gradient_checkpointing: bool
+) -> None:
+    """The step with ``reference_context`` gives the loss of the step with a separate frozen
+    reference, and its gradient reaches the adapters only (also through checkpointed blocks)."""
+    policy, tokenizer = _adapted(gradient_checkpointing)
+    frozen, _ = load_policy("tiny")
+    batch, loss = _batch(tokenizer), LossConfig(type="mallows_theta", beta=0.5)
+    policy.train()
+    shared = preference_step(
+        causal_lm(policy),
+        batch,
+        loss,
+        reference_model=causal_lm(policy),
+        reference_context=lambda: adapters_disabled(policy),
+    )
+    separate = preference_step(causal_lm(policy), batch, loss, reference_model=frozen.eval())
+    torch.testing.assert_close(shared.loss, separate.loss, rtol=1e-6, atol=1e-7)
+    shared.loss.backward()
+    grads = {name: p.grad for name, p in policy.named_parameters() if p.grad is not None}
+    assert all("lora_" in name for name in grads)
+    lora_b = [g for name, g in grads.items() if "lora_B" in name]
+    assert len(lora_b) == 7 * policy.config.num_hidden_layers
+    assert all(bool(g.abs().sum() > 0) for g in lora_b)
+
+
+def test_merged_export_equals_base_plus_adapter(raypo_cache: str, tmp_path: Path) -> None:
+    policy, tokenizer = _adapted()
+    ids = _batch(tokenizer)["input_ids"]
+    save_merged_and_adapter(policy, tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny"))
+    reloaded = PeftModel.from_pretrained(base, ExportLayout(tmp_path).adapter).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        expected = reloaded(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        with reloaded.disable_adapter():
+            base_logits = reloaded(input_ids=ids).logits
+    assert (base_logits - expected).abs().max() > 1e-3  # the adapter changed the model
