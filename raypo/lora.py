@@ -70,6 +70,13 @@ def add_adapters(model: nn.Module, lora: LoraConfig, gradient_checkpointing: boo
     return wrapped
 
 
+def trainable_summary(model: nn.Module) -> str:
+    """``N of M parameters trainable (x%)``: what the optimizer holds against the model."""
+    total = sum(param.numel() for param in model.parameters())
+    trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
+    return f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
+
+
 def is_adapted(model: nn.Module) -> bool:
     """Whether ``model`` is a PEFT model (the policy of a ``model.lora`` run)."""
     try:

@@ -17,11 +17,20 @@ from raypo.config import ConfigError, LossConfig, config_to_yaml, load_config
 from raypo.config_inputs import LoraConfig
 from raypo.data.collate import collate_pairs
 from raypo.forward import reference_columns
-from raypo.lora import adapters_disabled, add_adapters, causal_lm, save_merged_and_adapter
+from raypo.lora import (
+    adapters_disabled,
+    add_adapters,
+    causal_lm,
+    peft_config,
+    save_merged_and_adapter,
+    trainable_summary,
+)
 from raypo.models import load_policy, resolve_model_path
 from raypo.run_layout import ExportLayout
 from raypo.step import preference_step
 from raypo.train.loop import param_groups
+from raypo.tune.run import shares_preparation
+from raypo.tune.space import apply_params
 
 LORA = LoraConfig(enabled=True, rank=4, alpha=8.0)
 
@@ -97,6 +106,8 @@ def test_only_adapter_parameters_are_trained(raypo_cache: str) -> None:
     # every linear layer of every decoder block (7 in a Llama block) has A and B; no lm_head
     blocks = policy.config.num_hidden_layers
     assert len(trainable) == 2 * 7 * blocks
+    adapter_size = sum(p.numel() for name, p in policy.named_parameters() if "lora_" in name)
+    assert trainable_summary(policy).startswith(f"{adapter_size:,} of ")
     optimized = [p for group in param_groups(policy, 0.01) for p in group["params"]]
     assert {id(p) for p in optimized} == {id(p) for p in policy.parameters() if p.requires_grad}
 
@@ -164,3 +175,41 @@ def test_merged_export_equals_base_plus_adapter(raypo_cache: str, tmp_path: Path
         with reloaded.disable_adapter():
             base_logits = reloaded(input_ids=ids).logits
     assert (base_logits - expected).abs().max() > 1e-3  # the adapter changed the model
+
+
+def test_tune_searches_the_lora_rank_and_alpha_on_one_preparation() -> None:
+    config = load_config(
+        None,
+        [
+            "--model.lora.enabled=true",
+            "--tune.search_space.model.lora.rank=choice([4, 16])",
+            "--tune.search_space.model.lora.alpha=loguniform(4, 64)",
+        ],
+    )
+    assert set(config.tune.search_space) == {"model.lora.rank", "model.lora.alpha"}
+    trial = apply_params(config, {"model.lora.rank": 4, "model.lora.alpha": 8.0}, "t0", "runs/t0")
+    assert (trial.model.lora.rank, trial.model.lora.alpha) == (4, 8.0)
+    assert all(shares_preparation(key) for key in config.tune.search_space)
+    assert not shares_preparation("model.name_or_path")
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        load_config(None, ["--tune.search_space.model.lora.rank=choice([0, 4])"])
+
+
+def test_every_lora_setting_reaches_peft() -> None:
+    lora = LoraConfig(
+        enabled=True,
+        rank=2,
+        alpha=3.0,
+        dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens"],
+        use_rslora=True,
+        use_dora=True,
+    )
+    settings = peft_config(lora)
+    assert (settings.r, settings.lora_alpha, settings.lora_dropout) == (2, 3.0, 0.1)
+    assert settings.target_modules == {"q_proj", "v_proj"}
+    assert settings.modules_to_save == ["embed_tokens"]
+    assert settings.use_rslora and settings.use_dora
+    assert peft_config(LORA).target_modules == "all-linear"  # PEFT's shorthand, not a name
+    assert peft_config(LORA).modules_to_save is None

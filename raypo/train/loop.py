@@ -32,7 +32,7 @@ from torch import Tensor
 from raypo.config import RaypoConfig
 from raypo.data.collate import collate_pairs
 from raypo.generation import SamplingSettings
-from raypo.lora import adapters_disabled, add_adapters, causal_lm
+from raypo.lora import adapters_disabled, add_adapters, causal_lm, trainable_summary
 from raypo.mixdpo import StrengthDistribution
 from raypo.models import disable_dropout_in_model, load_policy
 from raypo.objectives import objective
@@ -186,6 +186,8 @@ def build_worker(plan: WorkerPlan) -> Worker:
     if config.model.lora.enabled:
         # Before DeepSpeed: param_groups then holds only the adapters, and so does the optimizer.
         policy = add_adapters(policy, config.model.lora, config.model.gradient_checkpointing)
+        if rank == 0:
+            print(f"raypo train: LoRA adapters, {trainable_summary(policy)}")
     ds_config = deepspeed_config(config.trainer, config.model, world_size)
     engine, _, _, _ = deepspeed.initialize(
         model=policy,

@@ -43,9 +43,9 @@ from raypo.train.worker_plan import StepCallback
 from raypo.tune.results import SweepResult, write_results
 from raypo.tune.space import apply_params, search_domains
 
-SHARED_SECTIONS = ("loss", "trainer", "eval")
+SHARED_SECTIONS = ("loss", "trainer", "eval", "model.lora")
 """Searched keys in these sections leave the data, the tiny fit and the reference unchanged, so
-the driver prepares them once for all trials."""
+the driver prepares them once for all trials (the adapters exist only in training)."""
 TRIAL_RESOURCES = {"cpu": 0, "memory": 2**30}
 """What a trial's own process reserves. It only drives its Train workers, which reserve their own
 CPUs and GPUs, so it takes no CPU: on a 2-core Ray, 2 workers of 0.5 CPU then leave a whole CPU
@@ -82,9 +82,15 @@ def _check_sweep(config: RaypoConfig) -> None:
         raise ConfigError("trainer.eval_steps", 0, problem)
 
 
+def shares_preparation(key: str) -> bool:
+    """Whether trials that differ only in the searched ``key`` can share one preparation (the
+    key is in one of :data:`SHARED_SECTIONS`)."""
+    return any(key.startswith(f"{section}.") for section in SHARED_SECTIONS)
+
+
 def plan_sweep(config: RaypoConfig, step_callbacks: Sequence[StepCallback] = ()) -> SweepPlan:
     """Prepare what the trials share in the sweep directory, once (see the module docstring)."""
-    per_trial = [k for k in config.tune.search_space if k.split(".")[0] not in SHARED_SECTIONS]
+    per_trial = [k for k in config.tune.search_space if not shares_preparation(k)]
     if per_trial:
         print(
             f"raypo tune: {', '.join(per_trial)} may change the data, the tiny model's fit or "
