@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import MARKER, KillOnce, ship_by_value
 from peft import PeftModel
-from test_train_e2e import _config, _latest_checkpoint
+from test_train_e2e import _config, _epoch_config, _latest_checkpoint, _train_ids
 from transformers import AutoModelForCausalLM
 
 from raypo.models import load_tokenizer, resolve_model_path
 from raypo.run_layout import ExportLayout
-from raypo.train.checkpoint import ENGINE_TAG
+from raypo.train.checkpoint import ENGINE_TAG, trained_ids
 from raypo.train.metrics import read_metrics
 from raypo.train.run import train
 
@@ -66,3 +67,20 @@ def test_lora_dpo_trains_adapters_only_and_exports_merged_and_adapter(
     with torch.no_grad():
         expected = adapted.eval()(input_ids=ids).logits
         torch.testing.assert_close(merged.eval()(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_lora_killed_worker_restarts_from_checkpoint_without_losing_or_repeating_pairs(
+    ray_session, tmp_path: Path
+) -> None:
+    """As the full fine-tuning test in tests/test_train_e2e.py, with adapters and the
+    precomputed reference: the engine checkpoint restores the adapters and their optimizer."""
+    ship_by_value()
+    config = _epoch_config(
+        tmp_path / "run", "--model.lora.enabled=true", "--trainer.max_failures=1"
+    )
+    result = train(config, step_callbacks=[KillOnce(3, str(config.run_path))])
+    assert (result.run_path / MARKER).exists()
+    ids = _train_ids(result.run_path)
+    assert len(ids) == 47
+    assert trained_ids(_latest_checkpoint(result.run_path, config.name)) == ids
+    assert (ExportLayout(result.final_dir).adapter / "adapter_config.json").exists()
