@@ -400,7 +400,6 @@ class RaypoConfig(Section):
             raise ConfigError("reference.cache_dir", self.reference.cache_dir, problem)
         self._check_reference()
         self._check_device()
-        self._check_lora()
         if self.eval.during_training_num_prompts and not self.trainer.eval_steps:
             problem = "runs at every trainer.eval_steps, which is 0: set trainer.eval_steps > 0"
             num_prompts = self.eval.during_training_num_prompts
@@ -432,12 +431,6 @@ class RaypoConfig(Section):
         if self.model.attn_implementation == "flash_attention_2":
             problem = "needs trainer.use_gpu true; on CPU use sdpa or eager"
             raise ConfigError("model.attn_implementation", "flash_attention_2", problem)
-
-    def _check_lora(self) -> None:
-        if self.model.lora.enabled and self.trainer.zero_stage == 3:
-            # The merged export would need the adapters gathered from ZeRO-3's shards.
-            problem = "not yet with trainer.zero_stage 3: use trainer.zero_stage 0, 1 or 2"
-            raise ConfigError("model.lora.enabled", True, problem)
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -32,7 +32,7 @@ class LoraConfig(Section):
     """Train adapters instead of every weight (needs ``pip install raypo[lora]``). The online
     reference is then the policy with its adapters disabled (unless
     ``reference.model_name_or_path`` names other weights); ``final/`` holds the merged model and
-    ``final/adapter/`` the adapter in PEFT format. Not yet with ``trainer.zero_stage: 3``."""
+    ``final/adapter/`` the adapter in PEFT format."""
     rank: int = bounded(16, ">= 1")
     """Rank r of each adapter's low-rank update B A (PEFT's ``r``)."""
     alpha: float = bounded(32.0, "> 0")

@@ -77,10 +77,6 @@ def test_lora_section_nests_under_model_from_yaml_and_overrides(tmp_path: Path) 
             ["--model.lora.target_modules=all-linear,q_proj"],
             "all-linear stands alone: it already names every linear layer",
         ),
-        (
-            ["--model.lora.enabled=true", "--trainer.zero_stage=3"],
-            "model.lora.enabled = True (from command line): not yet with trainer.zero_stage 3",
-        ),
     ],
 )
 def test_bad_lora_settings_name_the_key(overrides: list[str], message: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from faults import MARKER, KillOnce, ship_by_value
 from peft import PeftModel
 from test_train_e2e import _config, _epoch_config, _latest_checkpoint, _train_ids
@@ -26,13 +27,15 @@ def _base_key(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
+@pytest.mark.parametrize("stage", [2, 3])
 def test_lora_dpo_trains_adapters_only_and_exports_merged_and_adapter(
-    ray_session, tmp_path: Path
+    ray_session, tmp_path: Path, stage: int
 ) -> None:
-    """2 workers, ZeRO-2, the online reference = the policy with its adapters disabled. Step 1's
-    loss is ln 2 (fresh adapters: B = 0, so policy = reference and every margin h = 0); three
-    epochs over the same pairs bring the training loss down; the checkpoint's base weights are
-    the starting model's bit for bit; final/ is the merged model, final/adapter/ the adapter."""
+    """2 workers, the online reference = the policy with its adapters disabled. Step 1's loss is
+    ln 2 (fresh adapters: B = 0, so policy = reference and every margin h = 0); three epochs
+    over the same pairs bring the training loss down; the checkpoint's base weights (gathered
+    from the ZeRO shards) are the starting model's bit for bit; final/ is the merged model,
+    final/adapter/ the adapter."""
     config = _config(
         tmp_path / "run",
         "--data.eval_fraction=0",  # 48 pairs: 6 steps of 8 per epoch, no padding rows
@@ -42,7 +45,7 @@ def test_lora_dpo_trains_adapters_only_and_exports_merged_and_adapter(
         "--loss.type=dpo",
         "--loss.beta=1.0",
         "--reference.mode=online",
-        "--trainer.zero_stage=2",
+        f"--trainer.zero_stage={stage}",
         "--trainer.learning_rate=1e-2",
         "--trainer.num_epochs=3",
         "--trainer.save_steps=0",
@@ -54,8 +57,8 @@ def test_lora_dpo_trains_adapters_only_and_exports_merged_and_adapter(
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.05, losses
 
     initial = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny"))
-    engine_dir = _latest_checkpoint(result.run_path, config.name) / ENGINE_TAG
-    module = torch.load(engine_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    checkpoint = _latest_checkpoint(result.run_path, config.name)
+    module = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ENGINE_TAG)
     base = {_base_key(k): v for k, v in module.items() if "lora_" not in k}
     for name, value in initial.state_dict().items():
         assert torch.equal(base[name], value), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def export_policy(
     *,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    unpartitioned_policy: Callable[[], Any] | None = None,
 ) -> None:
     """Write ``save_pretrained`` weights and the tokenizer (:func:`save_tokenizer`, with
     ``chat_template`` and ``trust_remote_code``) to ``output_dir`` from rank 0.
@@ -49,10 +51,11 @@ def export_policy(
     Under ZeRO-3 every rank holds a shard: all ranks take part in gathering the full 16-bit (or
     fp32) state dict (DeepSpeed's ``stage3_gather_16bit_weights_on_model_save``), rank 0 writes it.
     Below stage 3 rank 0's module already holds the whole model. The result loads with
-    ``AutoModelForCausalLM.from_pretrained(output_dir)``. A LoRA policy (``model.lora``, not
-    under ZeRO-3) is written merged, with its adapter in ``output_dir/adapter``
+    ``AutoModelForCausalLM.from_pretrained(output_dir)``. A LoRA policy (``model.lora``) is
+    written merged, with its adapter in ``output_dir/adapter``
     (:func:`raypo.lora.save_merged_and_adapter`, which merges in place: the engine's module is
-    not trained further after this).
+    not trained further after this). Under ZeRO-3 rank 0 merges in ``unpartitioned_policy()``,
+    a whole copy of the adapted policy (in CPU memory) that the gathered weights are loaded into.
     """
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -62,6 +65,9 @@ def export_policy(
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         if is_adapted(module):
+            if state_dict is not None:
+                module = unpartitioned_policy()
+                module.load_state_dict(state_dict)
             save_merged_and_adapter(module, output_dir)
         else:
             module.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)

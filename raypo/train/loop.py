@@ -141,6 +141,12 @@ def _load_for_training(config: RaypoConfig, path: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _adapted_policy(config: RaypoConfig, path: str) -> Any:
+    """The policy at ``path`` with fresh adapters, outside DeepSpeed (whole, on the CPU)."""
+    model, _ = _load_for_training(config, path)
+    return add_adapters(model, config.model.lora)
+
+
 def _online_reference(config: RaypoConfig, reference_path: str, world_size: int) -> Any:
     model, _ = _load_for_training(config, reference_path)
     model.requires_grad_(False)
@@ -454,6 +460,7 @@ def train_worker(plan: WorkerPlan) -> None:
         worker.rank,
         chat_template=plan.config.data.chat_template,
         trust_remote_code=plan.config.model.trust_remote_code,
+        unpartitioned_policy=partial(_adapted_policy, plan.config, plan.policy_path),
     )
     if worker.strength is not None and worker.rank == 0:
         export_strength(worker.strength, final_dir)
