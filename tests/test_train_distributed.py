@@ -1,7 +1,8 @@
 """The worker code of raypo.train.loop (DeepSpeed engine from the config, online reference, and the
 public step raypo.step.preference_step) on 2 real Ray Train workers:
 
-- every objective lowers its loss on a fixed set of 8 HH pairs under ZeRO-2 and ZeRO-3;
+- every objective lowers its loss on a fixed set of 8 HH pairs under ZeRO-2 and ZeRO-3, and so do
+  dpo, mallows_theta and mixdpo with LoRA adapters (the reference: the adapters disabled);
 - the policy after one DeepSpeed step (2 workers x 4 pairs) gives the same log-probs as one plain
   single-process torch AdamW step on all 8 pairs (same groups, clipping and learning rate).
 
@@ -40,6 +41,8 @@ pytestmark = pytest.mark.slow
 STEPS = 4
 """Optimizer steps per objective on the fixed set."""
 STAGES = (2, 3)
+LORA_OBJECTIVES = ("dpo", "mallows_theta", "mixdpo")
+"""Objectives also trained with LoRA adapters (``model.lora``)."""
 
 
 def _config(run_dir: Path) -> RaypoConfig:
@@ -103,6 +106,28 @@ def _plan(plan: WorkerPlan, objective: str, stage: int) -> WorkerPlan:
     return dataclasses.replace(plan, config=_with(plan.config, objective, stage))
 
 
+def _with_lora(plan: WorkerPlan) -> WorkerPlan:
+    """``plan`` training rank-8 adapters, at a learning rate for adapters (B starts at 0)."""
+    config = plan.config
+    lora = dataclasses.replace(config.model.lora, enabled=True, rank=8, alpha=16.0)
+    model = dataclasses.replace(config.model, lora=lora)
+    trainer = dataclasses.replace(config.trainer, learning_rate=1e-2)
+    return dataclasses.replace(
+        plan, config=dataclasses.replace(config, model=model, trainer=trainer)
+    )
+
+
+def _first_and_final_loss(plan: WorkerPlan, micro: MicroBatch) -> list[float]:
+    """The loss (mean over the workers) at the first of STEPS steps and after the last."""
+    worker = build_worker(plan)
+    first = _global_mean(_step(worker, micro))
+    for _ in range(STEPS - 1):
+        _step(worker, micro)
+    with torch.no_grad():
+        final = _global_mean(float(micro_batch_step(worker, micro).loss))
+    return [first, final]
+
+
 def _worker_loop(payload: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     rows, plan = payload["rows"], payload["plan"]
@@ -110,13 +135,11 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     results: dict[str, Any] = {"losses": {}, "logps": {}}
     for stage in STAGES:
         for objective in sorted(OBJECTIVES):
-            worker = build_worker(_plan(plan, objective, stage))
-            first = _global_mean(_step(worker, micro))
-            for _ in range(STEPS - 1):
-                _step(worker, micro)
-            with torch.no_grad():
-                final = _global_mean(float(micro_batch_step(worker, micro).loss))
-            results["losses"][f"{objective}/zero{stage}"] = [first, final]
+            losses = _first_and_final_loss(_plan(plan, objective, stage), micro)
+            results["losses"][f"{objective}/zero{stage}"] = losses
+        for objective in LORA_OBJECTIVES:
+            losses = _first_and_final_loss(_with_lora(_plan(plan, objective, stage)), micro)
+            results["losses"][f"{objective}/zero{stage}/lora"] = losses
         worker = build_worker(_plan(plan, "dpo", stage))
         _step(worker, micro)
         results["logps"][f"zero{stage}"] = _full_batch_logps(worker, rows)
@@ -162,6 +185,16 @@ def test_every_objective_lowers_its_loss_on_two_workers(
     distributed_results: dict[str, Any], objective: str, stage: int
 ) -> None:
     first, final = distributed_results["losses"][f"{objective}/zero{stage}"]
+    assert final < first * (1 - 1e-3), (objective, stage, first, final)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("objective", LORA_OBJECTIVES)
+def test_lora_lowers_the_loss_on_two_workers(
+    distributed_results: dict[str, Any], objective: str, stage: int
+) -> None:
+    first, final = distributed_results["losses"][f"{objective}/zero{stage}/lora"]
+    assert first == pytest.approx(0.6931472, abs=1e-5)  # ln 2: fresh adapters (B = 0), h = 0
     assert final < first * (1 - 1e-3), (objective, stage, first, final)
 
 
