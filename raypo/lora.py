@@ -13,6 +13,7 @@ adapters. ``peft`` is imported only where adapters are in use: it is an optional
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,9 @@ from torch import nn
 from raypo.config import LoraConfig
 from raypo.config_inputs import ALL_LINEAR
 from raypo.run_layout import ExportLayout
+
+ADAPTER_CONFIG = "adapter_config.json"
+"""The file that makes a directory a PEFT adapter (``save_pretrained`` of a PEFT model)."""
 
 
 def peft_config(lora: LoraConfig) -> Any:
@@ -118,3 +122,27 @@ def save_merged_and_adapter(model: nn.Module, output_dir: Path) -> None:
     model.save_pretrained(str(ExportLayout(output_dir).adapter), safe_serialization=True)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(output_dir), safe_serialization=True)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory holding a PEFT adapter and no model of its own (a LoRA
+    run's ``final/adapter``), as opposed to a ``save_pretrained`` model directory."""
+    directory = Path(path)
+    return (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter directory was trained on (its ``base_model_name_or_path``)."""
+    settings = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base = settings.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base_model_name_or_path")
+    return str(base)
+
+
+def merge_adapter(base: nn.Module, path: str | Path) -> nn.Module:
+    """``base`` with the adapter in ``path`` merged into its weights (a plain transformers
+    model again, as ``final/`` holds it)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()

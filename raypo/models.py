@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from raypo.lora import adapter_base, is_adapter_dir, merge_adapter
+
 TINY_NAME = "tiny"
 """The ``model.name_or_path`` value that selects the embedded tiny model."""
 
@@ -377,11 +379,14 @@ def load_policy(
     ``attn_implementation`` (``eager`` | ``sdpa`` | ``flash_attention_2``; None = transformers'
     default for the model) and ``trust_remote_code`` (model and tokenizer):
     ``ModelConfig.load_kwargs`` gives all three. The model's ``config.pad_token_id`` is set to
-    the tokenizer's pad id when it has none.
+    the tokenizer's pad id when it has none. A PEFT adapter directory (a LoRA run's
+    ``final/adapter``) loads as its base model with the adapter merged in (needs ``peft``).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     source = resolve_model_path(name_or_path, cache_dir)
+    if is_adapter_dir(source):
+        return _load_adapted(source, dtype, cache_dir, attn_implementation, trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     options: dict[str, object] = {"dtype": _DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
@@ -398,6 +403,27 @@ def load_policy(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _load_adapted(
+    source: str,
+    dtype: str,
+    cache_dir: str | os.PathLike[str] | None,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The adapter directory ``source`` merged into its base (:func:`load_policy`), with the
+    adapter's own tokenizer where it has one (raypo's export writes it), else the base's."""
+    base, tokenizer = load_policy(
+        adapter_base(source),
+        dtype,
+        cache_dir,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    if (Path(source) / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    return merge_adapter(base, source), tokenizer
 
 
 def _warn_remote_code(name_or_path: str) -> None:

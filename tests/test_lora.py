@@ -5,7 +5,9 @@ and the merged export against base + adapter."""
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,11 +18,14 @@ from transformers import AutoModelForCausalLM
 from raypo.config import ConfigError, LossConfig, config_to_yaml, load_config
 from raypo.config_inputs import LoraConfig
 from raypo.data.collate import collate_pairs
+from raypo.eval.run import ModelPaths, check_backend_loads
+from raypo.eval.sampling import BackendChoice, EvalError
 from raypo.forward import reference_columns
 from raypo.lora import (
     adapters_disabled,
     add_adapters,
     causal_lm,
+    is_adapter_dir,
     peft_config,
     save_merged_and_adapter,
     trainable_summary,
@@ -28,6 +33,7 @@ from raypo.lora import (
 from raypo.models import load_policy, resolve_model_path
 from raypo.run_layout import ExportLayout
 from raypo.step import preference_step
+from raypo.train.export import export_policy
 from raypo.train.loop import param_groups
 from raypo.tune.run import shares_preparation
 from raypo.tune.space import apply_params
@@ -209,3 +215,38 @@ def test_every_lora_setting_reaches_peft() -> None:
     assert settings.use_rslora and settings.use_dora
     assert peft_config(LORA).target_modules == "all-linear"  # PEFT's shorthand, not a name
     assert peft_config(LORA).modules_to_save is None
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_exported_adapter_directory_loads_as_the_merged_model(
+    raypo_cache: str, tmp_path: Path, stage: int
+) -> None:
+    """export_policy of a LoRA policy (a stand-in engine; under ZeRO-3 its gathered state dict
+    is loaded into a fresh adapted copy): final/adapter holds the adapter and the run's
+    tokenizer, and load_policy (which raypo eval's hf backend uses) loads it merged into its
+    base, as final/ itself; vLLM sampling refuses the adapter directory."""
+    policy, tokenizer = _adapted()
+    ids = _batch(tokenizer)["input_ids"]
+    with torch.no_grad():
+        expected = policy(input_ids=ids).logits
+    state_dict = policy.state_dict()
+    engine = SimpleNamespace(
+        module=policy,
+        zero_optimization_stage=lambda: stage,
+        _zero3_consolidated_16bit_state_dict=lambda: state_dict,
+    )
+    final, tiny = tmp_path / "final", resolve_model_path("tiny")
+    fresh = partial(add_adapters, load_policy("tiny")[0], LORA)  # B = 0 until the load
+    export_policy(engine, tiny, final, rank=0, chat_template="{{ x }}", unpartitioned_policy=fresh)
+    adapter = ExportLayout(final).adapter
+    assert is_adapter_dir(adapter) and not is_adapter_dir(final)
+    for path in (final, adapter):
+        model, loaded_tokenizer = load_policy(str(path))
+        assert loaded_tokenizer.chat_template == "{{ x }}"
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    paths = ModelPaths(str(adapter), tiny, tiny, "reference")
+    check_backend_loads(BackendChoice("hf", ""), paths)
+    with pytest.raises(EvalError, match="LoRA adapter.*eval.backend hf"):
+        check_backend_loads(BackendChoice("vllm", ""), paths)

@@ -31,6 +31,7 @@ import ray
 
 from raypo.config import RaypoConfig, save_config
 from raypo.eval.sampling import (
+    BackendChoice,
     EvalError,
     EvalPair,
     SampleRun,
@@ -48,6 +49,7 @@ from raypo.eval.scorers import (
     win_rate,
 )
 from raypo.generation import SamplingSettings
+from raypo.lora import is_adapter_dir
 from raypo.models import ModelLoadError, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import init_ray
 from raypo.run_layout import ExportLayout, RunLayout
@@ -84,6 +86,18 @@ def model_paths(config: RaypoConfig) -> ModelPaths:
     label = config.eval.baseline
     baseline = reference if label == "reference" else resolve_model_path(label)
     return ModelPaths(resolve_model_path(policy), baseline, reference, label)
+
+
+def check_backend_loads(backend: BackendChoice, paths: ModelPaths) -> None:
+    """Refuse a LoRA adapter directory (a run's ``final/adapter``) for vLLM, whose actors load
+    whole models; the hf backend loads it merged into its base (:func:`raypo.models.load_policy`).
+    """
+    adapters = [path for path in (paths.policy, paths.baseline) if is_adapter_dir(path)]
+    if backend.name == "vllm" and adapters:
+        raise EvalError(
+            f"{adapters[0]} is a LoRA adapter, which vLLM sampling does not load: evaluate the "
+            "merged model a LoRA run writes beside it (RUN_DIR/final), or set eval.backend hf"
+        )
 
 
 def _task_options(config: RaypoConfig) -> dict[str, Any]:
@@ -251,6 +265,7 @@ def evaluate(config: RaypoConfig, log: Callable[[str], None] = logger.info) -> d
     paths = model_paths(config)
     init_ray()
     backend = choose_backend(config.eval.backend)
+    check_backend_loads(backend, paths)
     log(f"sampling backend: {backend.name} ({backend.reason})")
     pairs = load_eval_pairs(config)
     prompt_pairs = pairs[: config.eval.num_prompts] if config.eval.num_prompts else pairs

@@ -52,7 +52,7 @@ def export_policy(
     fp32) state dict (DeepSpeed's ``stage3_gather_16bit_weights_on_model_save``), rank 0 writes it.
     Below stage 3 rank 0's module already holds the whole model. The result loads with
     ``AutoModelForCausalLM.from_pretrained(output_dir)``. A LoRA policy (``model.lora``) is
-    written merged, with its adapter in ``output_dir/adapter``
+    written merged, with its adapter and the tokenizer in ``output_dir/adapter``
     (:func:`raypo.lora.save_merged_and_adapter`, which merges in place: the engine's module is
     not trained further after this). Under ZeRO-3 rank 0 merges in ``unpartitioned_policy()``,
     a whole copy of the adapted policy (in CPU memory) that the gathered weights are loaded into.
@@ -64,19 +64,23 @@ def export_policy(
         state_dict = None
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
+        directories = [output_dir]
         if is_adapted(module):
             if state_dict is not None:
                 module = unpartitioned_policy()
                 module.load_state_dict(state_dict)
             save_merged_and_adapter(module, output_dir)
+            # The adapter directory then evaluates on its own (raypo.models.load_policy).
+            directories.append(ExportLayout(output_dir).adapter)
         else:
             module.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
-        save_tokenizer(
-            tokenizer_path,
-            output_dir,
-            chat_template=chat_template,
-            trust_remote_code=trust_remote_code,
-        )
+        for directory in directories:
+            save_tokenizer(
+                tokenizer_path,
+                directory,
+                chat_template=chat_template,
+                trust_remote_code=trust_remote_code,
+            )
     if dist.is_initialized():
         dist.barrier()
 
