@@ -4,6 +4,7 @@ and the merged export against base + adapter."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from functools import partial
 from pathlib import Path
@@ -34,7 +35,8 @@ from raypo.models import load_policy, resolve_model_path
 from raypo.run_layout import ExportLayout
 from raypo.step import preference_step
 from raypo.train.export import export_policy
-from raypo.train.loop import param_groups
+from raypo.train.loop import _reference, param_groups
+from raypo.train.worker_plan import WorkerPlan
 from raypo.tune.run import shares_preparation
 from raypo.tune.space import apply_params
 
@@ -250,3 +252,32 @@ def test_exported_adapter_directory_loads_as_the_merged_model(
     check_backend_loads(BackendChoice("hf", ""), paths)
     with pytest.raises(EvalError, match="LoRA adapter.*eval.backend hf"):
         check_backend_loads(BackendChoice("vllm", ""), paths)
+
+
+def test_online_reference_is_the_policy_unless_other_weights_are_named(
+    raypo_cache: str, tmp_path: Path
+) -> None:
+    """With LoRA the worker's online reference is the policy's own model under
+    adapters_disabled; a reference.model_name_or_path of other weights loads those instead, and
+    a precomputed reference loads nothing."""
+    policy, tokenizer = _adapted()
+    tiny = resolve_model_path("tiny")
+    config = load_config(None, ["--model.lora.enabled=true", "--reference.mode=online"])
+    plan = WorkerPlan(config, 1, 1, tiny, tiny, tiny, str(tmp_path / "final"), has_eval=False)
+    reference, context = _reference(plan, policy, world_size=1)
+    assert reference is causal_lm(policy) and context is not None
+    policy.train()
+    with context():
+        assert not policy.training
+    other = tmp_path / "other"
+    load_policy("tiny")[0].save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    reference, context = _reference(
+        dataclasses.replace(plan, reference_path=str(other)), policy, world_size=1
+    )
+    assert context is None and not any(p.requires_grad for p in reference.parameters())
+    assert not any("lora" in name for name, _ in reference.named_parameters())
+    precomputed = dataclasses.replace(
+        config, reference=dataclasses.replace(config.reference, mode="precomputed")
+    )
+    assert _reference(dataclasses.replace(plan, config=precomputed), policy, 1) == (None, None)
