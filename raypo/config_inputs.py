@@ -32,7 +32,7 @@ class LoraConfig(Section):
     """Train adapters instead of every weight (needs ``pip install raypo[lora]``). The online
     reference is then the policy with its adapters disabled (unless
     ``reference.model_name_or_path`` names other weights); ``final/`` holds the merged model and
-    ``final/adapter/`` the adapter in PEFT format."""
+    ``final/adapter/`` the adapter in PEFT format (see ``merge_on_export``)."""
     rank: int = bounded(16, ">= 1")
     """Rank r of each adapter's low-rank update B A (PEFT's ``r``)."""
     alpha: float = bounded(32.0, "> 0")
@@ -55,6 +55,11 @@ class LoraConfig(Section):
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA, Liu et al. 2024): adapts the direction and learns the
     magnitude of each weight row separately; slower per step than plain LoRA."""
+    merge_on_export: bool = True
+    """``final/`` = the merged model (base + adapter as plain weights, loadable by transformers
+    and vLLM), with the adapter in ``final/adapter/``. false = ``final/`` is the adapter alone
+    (PEFT format and tokenizer: megabytes instead of the whole model), which raypo (``raypo
+    eval`` with ``eval.backend: hf``) and ``PeftModel.from_pretrained`` load onto its base."""
 
     def _validate(self) -> None:
         targets = self.target_modules

@@ -110,18 +110,25 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-def save_merged_and_adapter(model: nn.Module, output_dir: Path) -> None:
-    """Write the adapter in PEFT format to ``output_dir/adapter``
-    (:attr:`raypo.run_layout.ExportLayout.adapter`; ``PeftModel.from_pretrained`` and vLLM's LoRA
-    support read it), then the merged model (base + adapter as plain weights) to ``output_dir``
-    with ``save_pretrained``, loadable as any transformers model.
+def save_adapted(model: nn.Module, output_dir: Path, merge: bool = True) -> Path:
+    """Write a trained PEFT model to ``output_dir``; return the adapter's directory.
 
-    The merge is done in place: ``model`` holds merged weights and no adapters afterwards, so
-    this is the last use of a trained policy (a copy would double the memory of rank 0).
+    ``merge`` (``model.lora.merge_on_export``): the adapter in PEFT format goes to
+    ``output_dir/adapter`` (:attr:`raypo.run_layout.ExportLayout.adapter`;
+    ``PeftModel.from_pretrained`` and vLLM's LoRA support read it), then the merged model (base
+    + adapter as plain weights) to ``output_dir`` with ``save_pretrained``, loadable as any
+    transformers model. The merge is done in place: ``model`` holds merged weights and no
+    adapters afterwards, so this is the last use of a trained policy (a copy would double the
+    memory of rank 0). Without ``merge``, ``output_dir`` holds the adapter alone.
     """
-    model.save_pretrained(str(ExportLayout(output_dir).adapter), safe_serialization=True)
+    if not merge:
+        model.save_pretrained(str(output_dir), safe_serialization=True)
+        return output_dir
+    adapter = ExportLayout(output_dir).adapter
+    model.save_pretrained(str(adapter), safe_serialization=True)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(output_dir), safe_serialization=True)
+    return adapter
 
 
 def is_adapter_dir(path: str | Path) -> bool:

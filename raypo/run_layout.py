@@ -55,8 +55,9 @@ class ExportLayout:
     @property
     def adapter(self) -> Path:
         """``adapter/``: the trained LoRA adapter in PEFT format (``adapter_config.json``,
-        ``adapter_model.safetensors``), written only by ``model.lora`` runs, whose weights in
-        the directory itself are the merged model."""
+        ``adapter_model.safetensors``) and the tokenizer, written only by ``model.lora`` runs,
+        whose weights in the directory itself are the merged model (with
+        ``model.lora.merge_on_export`` false the directory itself is the adapter instead)."""
         return self.root / "adapter"
 
 

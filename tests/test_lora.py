@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from raypo.config import ConfigError, LossConfig, config_to_yaml, load_config
 from raypo.config_inputs import LoraConfig
 from raypo.data.collate import collate_pairs
-from raypo.eval.run import ModelPaths, check_backend_loads
+from raypo.eval.run import ModelPaths, check_backend_loads, model_paths
 from raypo.eval.sampling import BackendChoice, EvalError
 from raypo.forward import reference_columns
 from raypo.lora import (
@@ -28,11 +28,11 @@ from raypo.lora import (
     causal_lm,
     is_adapter_dir,
     peft_config,
-    save_merged_and_adapter,
+    save_adapted,
     trainable_summary,
 )
 from raypo.models import load_policy, resolve_model_path
-from raypo.run_layout import ExportLayout
+from raypo.run_layout import ExportLayout, RunLayout
 from raypo.step import preference_step
 from raypo.train.export import export_policy
 from raypo.train.loop import _reference, param_groups
@@ -168,7 +168,7 @@ def test_step_with_the_disabled_adapter_reference_trains_only_the_adapters(
 def test_merged_export_equals_base_plus_adapter(raypo_cache: str, tmp_path: Path) -> None:
     policy, tokenizer = _adapted()
     ids = _batch(tokenizer)["input_ids"]
-    save_merged_and_adapter(policy, tmp_path)
+    assert save_adapted(policy, tmp_path) == ExportLayout(tmp_path).adapter
     merged = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny"))
     reloaded = PeftModel.from_pretrained(base, ExportLayout(tmp_path).adapter).eval()
@@ -281,3 +281,24 @@ def test_online_reference_is_the_policy_unless_other_weights_are_named(
         config, reference=dataclasses.replace(config.reference, mode="precomputed")
     )
     assert _reference(dataclasses.replace(plan, config=precomputed), policy, 1) == (None, None)
+
+
+def test_adapter_only_export_is_final_itself_and_evaluates(
+    raypo_cache: str, tmp_path: Path
+) -> None:
+    """model.lora.merge_on_export false: final/ is the adapter (no merged weights), which
+    load_policy loads merged into its base and raypo eval takes as the run's policy."""
+    policy, tokenizer = _adapted()
+    ids = _batch(tokenizer)["input_ids"]
+    with torch.no_grad():
+        expected = policy(input_ids=ids).logits
+    engine = SimpleNamespace(module=policy, zero_optimization_stage=lambda: 0)
+    config = load_config(None, [f"--run_dir={tmp_path / 'run'}", "--model.lora.enabled=true"])
+    final = RunLayout(config.run_path).final
+    export_policy(engine, resolve_model_path("tiny"), final, rank=0, merge=False)
+    assert is_adapter_dir(final) and not ExportLayout(final).adapter.exists()
+    assert not any(path.name == "model.safetensors" for path in final.iterdir())
+    model, _ = load_policy(str(final))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    assert model_paths(config).policy == str(final)

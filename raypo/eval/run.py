@@ -76,7 +76,7 @@ def model_paths(config: RaypoConfig) -> ModelPaths:
     policy = config.eval.policy
     if policy is None:
         final = RunLayout(config.run_path).final
-        if not ExportLayout(final).hf_config.is_file():
+        if not (ExportLayout(final).hf_config.is_file() or is_adapter_dir(final)):
             raise EvalError(
                 f"no trained policy at {final}: finish training first (raypo train), or name the "
                 "model to evaluate with --policy PATH"
@@ -96,7 +96,8 @@ def check_backend_loads(backend: BackendChoice, paths: ModelPaths) -> None:
     if backend.name == "vllm" and adapters:
         raise EvalError(
             f"{adapters[0]} is a LoRA adapter, which vLLM sampling does not load: evaluate the "
-            "merged model a LoRA run writes beside it (RUN_DIR/final), or set eval.backend hf"
+            "merged model a LoRA run writes beside it (RUN_DIR/final, unless "
+            "model.lora.merge_on_export was false), or set eval.backend hf"
         )
 
 

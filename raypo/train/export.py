@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from raypo.lora import is_adapted, save_merged_and_adapter
+from raypo.lora import is_adapted, save_adapted
 from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_tokenizer
 from raypo.run_layout import ExportLayout
@@ -44,6 +44,7 @@ def export_policy(
     chat_template: str | None = None,
     trust_remote_code: bool = False,
     unpartitioned_policy: Callable[[], Any] | None = None,
+    merge: bool = True,
 ) -> None:
     """Write ``save_pretrained`` weights and the tokenizer (:func:`save_tokenizer`, with
     ``chat_template`` and ``trust_remote_code``) to ``output_dir`` from rank 0.
@@ -52,10 +53,11 @@ def export_policy(
     fp32) state dict (DeepSpeed's ``stage3_gather_16bit_weights_on_model_save``), rank 0 writes it.
     Below stage 3 rank 0's module already holds the whole model. The result loads with
     ``AutoModelForCausalLM.from_pretrained(output_dir)``. A LoRA policy (``model.lora``) is
-    written merged, with its adapter and the tokenizer in ``output_dir/adapter``
-    (:func:`raypo.lora.save_merged_and_adapter`, which merges in place: the engine's module is
-    not trained further after this). Under ZeRO-3 rank 0 merges in ``unpartitioned_policy()``,
-    a whole copy of the adapted policy (in CPU memory) that the gathered weights are loaded into.
+    written merged, with its adapter and the tokenizer in ``output_dir/adapter``, or with
+    ``merge`` false as the adapter alone (:func:`raypo.lora.save_adapted`, which merges in
+    place: the engine's module is not trained further after this). Under ZeRO-3 rank 0 saves
+    from ``unpartitioned_policy()``, a whole copy of the adapted policy (in CPU memory) that the
+    gathered weights are loaded into.
     """
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -64,17 +66,16 @@ def export_policy(
         state_dict = None
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        directories = [output_dir]
+        directories = {output_dir}
         if is_adapted(module):
             if state_dict is not None:
                 module = unpartitioned_policy()
                 module.load_state_dict(state_dict)
-            save_merged_and_adapter(module, output_dir)
-            # The adapter directory then evaluates on its own (raypo.models.load_policy).
-            directories.append(ExportLayout(output_dir).adapter)
+            # With its tokenizer the adapter directory evaluates on its own (load_policy).
+            directories.add(save_adapted(module, output_dir, merge))
         else:
             module.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
-        for directory in directories:
+        for directory in sorted(directories):
             save_tokenizer(
                 tokenizer_path,
                 directory,

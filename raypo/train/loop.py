@@ -461,6 +461,7 @@ def train_worker(plan: WorkerPlan) -> None:
         chat_template=plan.config.data.chat_template,
         trust_remote_code=plan.config.model.trust_remote_code,
         unpartitioned_policy=partial(_adapted_policy, plan.config, plan.policy_path),
+        merge=plan.config.model.lora.merge_on_export,
     )
     if worker.strength is not None and worker.rank == 0:
         export_strength(worker.strength, final_dir)
