@@ -302,3 +302,51 @@ def test_adapter_only_export_is_final_itself_and_evaluates(
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
     assert model_paths(config).policy == str(final)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"use_dora": True},
+        {"use_rslora": True},
+        {"modules_to_save": ["embed_tokens"]},
+        {"target_modules": ["q_proj", "v_proj"], "dropout": 0.1},
+    ],
+    ids=["dora", "rslora", "modules_to_save", "q_v_dropout"],
+)
+def test_lora_variants_keep_the_base_as_reference_and_export_what_they_trained(
+    raypo_cache: str, tmp_path: Path, variant: dict
+) -> None:
+    """Each setting through the step and the export: adapters disabled give the frozen
+    model's reference columns; one optimizer step moves the policy; the merged export computes
+    what the trained adapted policy computes."""
+    model, tokenizer = load_policy("tiny")
+    policy = add_adapters(model, dataclasses.replace(LORA, **variant))
+    frozen, _ = load_policy("tiny")
+    batch, loss = _batch(tokenizer), LossConfig(type="dpo", beta=1.0)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    policy.train()
+    for _ in range(2):  # B = 0 at first: the second step is the one that moves the policy
+        step = preference_step(
+            causal_lm(policy),
+            batch,
+            loss,
+            reference_model=causal_lm(policy),
+            reference_context=lambda: adapters_disabled(policy),
+        )
+        step.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with adapters_disabled(policy):
+        disabled = reference_columns(causal_lm(policy), batch)
+    for name, value in reference_columns(frozen.eval(), batch).items():
+        torch.testing.assert_close(disabled[name], value, rtol=0, atol=1e-6)
+    policy.eval()
+    with torch.no_grad():
+        trained = policy(input_ids=batch["input_ids"]).logits
+        assert not torch.allclose(trained, frozen(input_ids=batch["input_ids"]).logits)
+    save_adapted(policy, tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    with torch.no_grad():
+        logits = merged(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(logits, trained, rtol=0, atol=1e-5)
