@@ -7,8 +7,10 @@ only them. The reference of an online run is the same model with its adapters sw
 (:func:`adapters_disabled`), as TRL does: no second copy of the weights exists. The forward
 code (:mod:`raypo.forward`) reads a transformers model's own parts (its decoder, its lm-head),
 so it is handed :func:`causal_lm`, the transformers model that PEFT wraps, whose layers carry the
-adapters. ``peft`` is imported only where adapters are in use: it is an optional extra
-(``pip install 'raypo[lora]'``).
+adapters. The trained policy is exported merged, its adapter beside it, or the adapter alone
+(:func:`save_adapted`); an adapter directory loads merged into its base (:func:`merge_adapter`,
+used by :func:`raypo.models.load_policy`). ``peft`` is imported only where adapters are in use:
+it is an optional extra (``pip install 'raypo[lora]'``).
 """
 
 from __future__ import annotations

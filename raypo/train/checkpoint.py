@@ -7,6 +7,12 @@ epoch's multiset), its RNG states, and the MixDPO strength distribution with its
 Train uploads every rank's files into one checkpoint; on restore each rank reads all ranks' ids,
 since ``streaming_split`` may now send it rows another rank had (without ``data.preserve_order``,
 or with another number of workers).
+
+With LoRA (``model.lora``) the engine state is the PEFT model's: the adapters with their
+optimizer state, and the frozen base weights too, as DeepSpeed saves the whole module. The base is
+redundant there (a restart loads it from the policy's path before the checkpoint) and costs one
+model copy of disk per kept checkpoint; it is kept so that restoring is DeepSpeed's plain, strict
+load, the same as for full fine-tuning.
 """
 
 from __future__ import annotations
