@@ -1,11 +1,15 @@
 """Smoke tests of the training benchmarks' pieces that can silently make a comparison unfair:
 TRL and raypo must see the same token ids in the same batches and reach the same loss from the
-same weights; throughput arithmetic must skip warm-up and amortise the reference pass."""
+same weights; raypo's jobs must run the product's settings on the selected pairs; throughput
+arithmetic must skip warm-up and take ratios per round."""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,18 +22,22 @@ import hh_tiny  # noqa: E402
 import scaling  # noqa: E402
 import throughput_vs_trl as tvt  # noqa: E402
 
-SETTINGS = tvt.Settings(pairs=4, max_length=96, warmup=1, steps=1, threads=1)
+SETTINGS = tvt.Settings(pairs=4, max_length=96, warmup=1, steps=2, logging_steps=1, threads=1)
 
 
 @pytest.fixture(scope="module")
 def micro(raypo_cache: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The embedded tiny model as policy, a second seed of it as reference, and 8 HH rows."""
+    from raypo.config import DataConfig
     from raypo.models import TinyModelSpec, load_tokenizer, resolve_model_path, save_tiny_model
 
     policy = Path(resolve_model_path("tiny"))
     reference = save_tiny_model(tmp_path_factory.mktemp("ref") / "m", TinyModelSpec(seed=1))
     tokenizer = load_tokenizer(str(policy))
-    rows = tvt.tokenized_rows(tokenizer, 2 * SETTINGS.pairs, SETTINGS.max_length)
+    data = DataConfig(
+        path=str(scaling.HH_PATH), schema="hh", max_length=96, max_prompt_length=48, max_rows=12
+    )
+    rows = tvt.tokenized_rows(data, tokenizer)[:8]
     return {"policy": policy, "reference": reference, "rows": rows, "tokenizer": tokenizer}
 
 
@@ -50,30 +58,33 @@ def test_trl_dataloader_yields_raypo_token_ids_in_order(micro: dict, tmp_path: P
 
 
 @pytest.mark.slow
-def test_raypo_and_trl_reach_the_same_loss_on_steps_1_and_2(micro: dict) -> None:
-    args = (micro["policy"], micro["reference"], micro["rows"], SETTINGS)
+@pytest.mark.parametrize("pairs, accumulation", [(4, 1), (2, 2)])
+def test_raypo_step_and_trl_reach_the_same_losses(
+    micro: dict, pairs: int, accumulation: int
+) -> None:
+    settings = dataclasses.replace(SETTINGS, pairs=pairs, accumulation=accumulation)
+    args = (micro["policy"], micro["reference"], micro["rows"], settings)
     trl = tvt.run_trl(*args)
-    online = tvt.run_raypo(*args, online=True)
-    precomputed = tvt.run_raypo(*args, online=False)
-    assert len(trl.losses) == len(online.losses) == 2
+    online = tvt.run_step_alone(*args, online=True)
+    precomputed = tvt.run_step_alone(*args, online=False)
+    # One loss per micro-step; step 2's follow one clipped AdamW step on each side.
+    assert len(trl.losses) == len(online.losses) == 2 * accumulation
+    assert len(trl.step_s) == len(online.step_s) == 2
     # A distinct reference makes the first loss differ from ln 2 (policy == reference).
     assert abs(trl.losses[0] - math.log(2)) > 1e-4
-    # Step 2 follows one clipped AdamW step on each side.
     for ours in (online.losses, precomputed.losses):
         assert ours == pytest.approx(trl.losses, abs=1e-5)
     assert precomputed.reference_pass_s > 0 and online.reference_pass_s == 0
 
 
-def test_steady_skips_warmup_and_amortises_the_reference_pass() -> None:
-    settings = tvt.Settings(pairs=2, warmup=1, steps=2)
-    rows = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}] * 6
-    run = tvt.SideRun("raypo-precomputed", [9.0, 1.0, 3.0], [0.7] * 3, 6.0, 1.0, 2.0)
-    result = tvt.steady(run, settings, rows)
-    # 2 pairs x 2 timed steps in 1 + 3 s; 4 timed rows x (2*2 + 1 + 2) tokens = 28 in 4 s.
-    assert result["pairs_per_s"] == pytest.approx(1.0)
-    assert result["tokens_per_s"] == pytest.approx(7.0)
-    # Mean step 2 s + 6 s pass / 3 steps = 4 s per 2 pairs.
-    assert result["pairs_per_s_with_pass"] == pytest.approx(0.5)
+def test_throughput_vs_trl_steady_rates_skip_the_warmup() -> None:
+    settings = tvt.Settings(pairs=2, accumulation=2, warmup=1, steps=3, logging_steps=1)
+    rows = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}] * 12
+    result = tvt.steady_from_steps([9.0, 1.0, 3.0], rows, settings)
+    # 4 pairs x 2 timed steps in 1 + 3 s; 8 timed rows x (2*2 + 1 + 2) tokens = 56 in 4 s.
+    assert result == pytest.approx({"pairs_per_s": 2.0, "tokens_per_s": 14.0, "step_s": 2.0})
+    # The first logging interval (1 step) holds 2 micro-steps.
+    assert tvt.first_interval_loss([0.5, 0.7, 9.0], settings) == pytest.approx(0.6)
 
 
 def test_ray_config_splits_the_global_batch_and_validates(tmp_path: Path) -> None:
@@ -137,58 +148,146 @@ def test_hh_split_is_disjoint_and_fixed(raypo_cache: str) -> None:
     assert train == again
 
 
-def test_bucketed_prototype_matches_one_step_on_the_whole_batch(micro: dict) -> None:
-    from raypo.config import LossConfig
-    from raypo.forward import reference_columns
-    from raypo.models import load_policy
-    from raypo.step import preference_step
-
-    pad = micro["tokenizer"].pad_token_id
-    rows = micro["rows"][:4]
-    reference, _ = load_policy(str(micro["reference"]), "fp32")
-    batch = tvt.raypo_batches(rows, 4, pad)[0]
-    columns = reference_columns(reference, batch)
-    config = LossConfig(type="dpo", beta=0.1)
-    gradients = []
-    for bucketed in (False, True):
-        model, _ = load_policy(str(micro["policy"]), "fp32")
-        if bucketed:
-            rows_with_ref = tvt.with_reference_values(rows, columns)
-            loss = tvt.bucketed_step(model, rows_with_ref, config, pad, groups=3)
-        else:
-            result = preference_step(model, batch | columns, config)
-            result.loss.backward()
-            loss = float(result.loss.detach())
-        gradients.append((loss, [p.grad for p in model.parameters()]))
-    (whole, whole_grads), (bucketed, bucketed_grads) = gradients
-    assert bucketed == pytest.approx(whole, abs=1e-6)
-    for ours, theirs in zip(bucketed_grads, whole_grads, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
-
-
-def test_length_groups_sort_pairs_by_their_longer_sequence() -> None:
-    rows = [
-        {"prompt_ids": [1] * p, "chosen_ids": [2] * c, "rejected_ids": [3] * r}
-        for p, c, r in [(1, 9, 1), (1, 1, 2), (2, 3, 1), (1, 1, 1), (1, 2, 6)]
-    ]
-    # Longer sequences 10, 3, 5, 2, 7: sorted 3, 1, 2, 4, 0; five pairs in 2 groups of 3 + 2.
-    assert tvt.length_groups(rows, 2) == [[3, 1, 2], [4, 0]]
-    assert tvt.length_groups(rows[:2], 4) == [[1], [0]]
-
-
-def test_padding_share_counts_positions_per_group() -> None:
+def test_throughput_vs_trl_padding_share_counts_positions() -> None:
     rows = [
         {"prompt_ids": [1], "chosen_ids": [2] * 3, "rejected_ids": [3]},
         {"prompt_ids": [1], "chosen_ids": [2] * 7, "rejected_ids": [3] * 5},
     ]
-    # Lengths 4, 2 and 8, 6: one group pads 4 sequences to 8 = 32 positions for 20 tokens; a
-    # micro-batch per pair pads 2 x 4 + 2 x 8 = 24.
+    # Lengths 4, 2 and 8, 6: one batch pads 4 sequences to 8 = 32 positions for 20 tokens.
     assert tvt.padding_share(rows, 2) == pytest.approx(1 - 20 / 32)
-    assert tvt.padding_share(rows, 2, groups=2) == pytest.approx(1 - 20 / 24)
-    # A pair's chosen and rejected share a micro-batch: lengths 2, 8 and 4, 6 pad to
-    # 2 x 6 + 2 x 8 = 28, not the 24 of sorting the sequences on their own.
-    crossed = [
-        {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3] * 7},
-        {"prompt_ids": [1], "chosen_ids": [2] * 3, "rejected_ids": [3] * 5},
+
+
+def test_throughput_vs_trl_variants_name_their_results_and_defaults() -> None:
+    assert tvt.variant_name(tvt.Settings()) == "throughput_vs_trl"
+    assert (
+        tvt.variant_name(tvt.Settings(long_tail=True, max_length=1024)) == "throughput_vs_trl_long"
+    )
+    assert tvt.variant_name(tvt.Settings(accumulation=4)) == "throughput_vs_trl_accum4"
+    assert tvt.variant_name(tvt.Settings(max_length=1024)) == "throughput_vs_trl_len1024"
+    # 100 steps (25 of the long tail), as many pairs with accumulation, >= 2 intervals.
+    assert tvt.default_steps(False, 1, 5) == 100 and tvt.default_steps(False, 4, 5) == 25
+    assert tvt.default_steps(True, 1, 5) == 25 and tvt.default_steps(True, 4, 5) == 10
+    assert tvt.default_warmup(100, 5) == 10 and tvt.default_warmup(25, 5) == 5
+    tvt.Settings().check()
+    for warmup in (0, 7, 100):
+        with pytest.raises(ValueError, match="multiple of logging_steps"):
+            tvt.Settings(warmup=warmup).check()
+
+
+def test_throughput_vs_trl_runs_the_product_config(tmp_path: Path) -> None:
+    from raypo.config import config_from_dict
+
+    settings = tvt.Settings(accumulation=4)
+    config = config_from_dict(tvt.raypo_config(settings, tmp_path / "run", tmp_path, False))
+    trainer, data = config.trainer, config.data
+    assert (trainer.num_workers, trainer.cpus_per_worker, trainer.zero_stage) == (1, 1.5, 2)
+    assert trainer.torch_adam and trainer.lr_scheduler == "constant"
+    assert (trainer.per_device_batch_size, trainer.gradient_accumulation_steps) == (8, 4)
+    assert (trainer.max_steps, trainer.logging_steps, trainer.save_steps) == (100, 5, 0)
+    assert trainer.eval_steps == 0 and trainer.padding_free == "auto"
+    assert (trainer.learning_rate, config.loss.beta, config.loss.type) == (1e-5, 0.1, "dpo")
+    assert config.reference.mode == "precomputed" and config.model.dtype == "fp32"
+    assert data.path == str(tmp_path / "pairs.jsonl") and data.max_rows is None
+    assert not data.shuffle and data.eval_fraction == 0 and data.max_length == 512
+    assert config.run_path == tmp_path / "run"
+
+
+def test_throughput_vs_trl_selects_the_first_or_the_longest_pairs(
+    raypo_cache: str, tmp_path: Path
+) -> None:
+    from raypo.config import DataConfig
+    from raypo.models import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path("tiny"))
+    data = DataConfig(
+        path=str(tmp_path / "p.jsonl"), schema="hh", max_length=256, max_prompt_length=128
+    )
+    everything = tvt.accepted_pairs(dataclasses.replace(data, path=str(scaling.HH_PATH)), tokenizer)
+    hh_lines = gzip.decompress(scaling.HH_PATH.read_bytes()).split(b"\n")
+    first = tvt.select_lines(data, tokenizer, tvt.Settings(pairs=2, steps=3))
+    assert first == [hh_lines[pair.row - 1] for pair in everything[:6]]
+    longest = tvt.select_lines(data, tokenizer, tvt.Settings(pairs=4, steps=5, long_tail=True))
+    numbers = [hh_lines.index(line) for line in longest]
+    assert len(numbers) == 20 and numbers == sorted(numbers)
+    Path(data.path).write_bytes(b"\n".join(longest) + b"\n")
+    selected = [tvt.longest_sequence(pair) for pair in tvt.accepted_pairs(data, tokenizer)]
+    threshold = sorted((tvt.longest_sequence(pair) for pair in everything), reverse=True)[19]
+    assert len(selected) == 20 and min(selected) >= threshold
+
+
+def test_throughput_vs_trl_tree_memory_finds_a_titled_descendant() -> None:
+    # The child touches every page of 160 MiB, then idles while the sampler reads it.
+    child = "import time; block = bytearray(160 * 2**20); block[:] = b'x' * len(block); "
+    child += "time.sleep(1.5)"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    process = subprocess.Popen([sys.executable, "-c", parent])
+    with tvt.TreeMemory(process.pid, interval=0.05) as memory:
+        process.wait()
+    assert memory.peak_of("bytearray") >= 160 * 2**20
+    assert memory.tree_peak >= 160 * 2**20
+    assert memory.processes()[0][1] >= 160
+    with pytest.raises(RuntimeError, match="RayTrainWorker"):
+        memory.peak_of("RayTrainWorker")
+
+
+def test_throughput_vs_trl_reads_the_trained_pair_order(tmp_path: Path) -> None:
+    for step, ids in ((5, ["a"]), (10, ["b", "a", "c"])):
+        directory = tmp_path / "ray" / "run" / f"checkpoint_{step:06d}"
+        directory.mkdir(parents=True)
+        torch.save({"trained": ids}, directory / "train_state_rank0.pt")
+    assert tvt.trained_pair_ids(tmp_path) == ["b", "a", "c"]
+
+
+def _side_run(
+    side: str, pairs_per_s: float, wall_s: float, peak: float, loss: float
+) -> tvt.SideRun:
+    return tvt.SideRun(
+        side=side,
+        pairs_per_s=pairs_per_s,
+        tokens_per_s=100 * pairs_per_s,
+        step_s=8 / pairs_per_s,
+        wall_s=wall_s,
+        process_peak_mib=peak,
+        tree_peak_mib=3 * peak,
+        first_loss=loss,
+        same_pairs_in_order=True if side.startswith("raypo") else None,
+        times_s=[],
+        losses=[],
+        processes=[],
+    )
+
+
+def test_throughput_vs_trl_ratios_are_taken_per_round_and_judged() -> None:
+    rounds = [
+        {
+            "trl": _side_run("trl", 2.0, 400.0, 1000.0, 0.70),
+            "raypo-online": _side_run("raypo-online", 7.0, 150.0, 900.0, 0.70001),
+            "raypo-precomputed": _side_run("raypo-precomputed", 9.0, 210.0, 800.0, 0.70),
+        },
+        {
+            "trl": _side_run("trl", 1.0, 500.0, 1100.0, 0.70),
+            "raypo-online": _side_run("raypo-online", 3.0, 300.0, 950.0, 0.70),
+            "raypo-precomputed": _side_run("raypo-precomputed", 3.0, 200.0, 850.0, 0.70),
+        },
     ]
-    assert tvt.padding_share(crossed, 2, groups=2) == pytest.approx(1 - 20 / 28)
+    table = tvt.summary_rows(rounds)
+    online = table[1]
+    # Per round 3.5x and 3x: median 3.25x, not 5 / 1.5 of the medians.
+    assert online["ratio_vs_trl"] == pytest.approx(3.25)
+    assert online["wall_vs_trl"] == pytest.approx((150 / 400 + 300 / 500) / 2)
+    assert online["process_peak_mib"] == 950.0 and online["first_loss_gap"] == pytest.approx(1e-5)
+    rows = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3, 4]}] * 16
+    args = (tvt.Settings(pairs=2, steps=4, warmup=2, logging_steps=2), rows)
+    lines = tvt.findings(table, *args)
+    text = "\n".join(lines)
+    assert "online reference: 3.25x TRL's pairs/s in the steady state (target >= 3x: met)" in text
+    assert (
+        "precomputed reference: 3.75x TRL's pairs/s in the steady state (target >= 4x: NOT" in text
+    )
+    assert "precomputed reference: 205 s against TRL's 450 s (0.46x; target <= 0.5x: met)" in text
+    assert "Peak RSS: raypo's Ray Train worker 950 MiB against TRL's process 1100 MiB" in text
+    assert "in TRL's order: True" in text and "C++" not in text
+    rounds[1]["raypo-online"] = dataclasses.replace(rounds[1]["raypo-online"], compiled=True)
+    table = tvt.summary_rows(rounds)
+    assert table[1]["compiled_runs"] == 1
+    assert "1 raypo train job(s) ran the C++ compiler" in "\n".join(tvt.findings(table, *args))
