@@ -153,16 +153,17 @@ def _datasets(config: RaypoConfig, prepared: PreparedRun) -> dict[str, ray.data.
     train_split = read_split(
         prepared.split_path("train"), shuffle_seed=config.seed if config.data.shuffle else None
     )
-    if config.data.shuffle and ray.util.get_current_placement_group() is None:
-        # Every epoch takes the same order: sorted once here (blocks in the object store, spilled
-        # to disk when it is full) instead of again at each epoch while the workers wait for it.
-        # Not inside a Tune trial: its placement group has no CPU bundle for the sort's tasks, so
-        # there Ray Train's split coordinator sorts at each epoch, outside the group.
-        train_split = train_split.materialize()
     datasets = {"train": pad_for_equal_split(train_split, counts["train"], world_size)}
     if counts["eval"]:
         eval_split = read_split(prepared.split_path("eval"))
         datasets["eval"] = pad_for_equal_split(eval_split, counts["eval"], world_size)
+    if ray.util.get_current_placement_group() is None:
+        # Read, sorted and padded once here, while no worker holds CPUs (blocks in the object
+        # store, spilled to disk when it is full): every epoch takes the same order, and Ray
+        # Data's tasks (1 CPU each) never wait behind workers that hold most CPUs, as one worker
+        # with 1.5 of 2 CPUs would, forever. Not inside a Tune trial: its placement group has no
+        # CPU bundle for these tasks, so there Ray Train's split coordinator runs them.
+        datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
     return datasets
 
 
