@@ -33,9 +33,7 @@ gap to the ``raypo train`` rows is what Ray Train, DeepSpeed and Ray Data cost. 
 alternate within each round (TRL, raypo online, raypo precomputed, the diagnosis steps) so that
 load on a shared machine hits them alike; ratios to TRL are taken within each round.
 
-Ray is told the machine has 4 logical CPUs (``RAY_OVERRIDE_RESOURCES``, as ``scaling.py``'s
-``ray.init(num_cpus=4)``): on 2 logical CPUs the worker's 1.5 leave Ray Data's Parquet read tasks
-(1 CPU each) no budget and the job waits for its first batch forever.
+Each ``raypo train`` starts its own local Ray as a user's does: with the machine's CPUs.
 
     python benchmarks/throughput_vs_trl.py                    # results/throughput_vs_trl.*
     python benchmarks/throughput_vs_trl.py --long-tail        # max length 1024: *_long.*
@@ -86,8 +84,8 @@ RAYPO_SIDES = ("raypo-online", "raypo-precomputed")
 DIAGNOSIS_SIDES = ("step-online", "step-precomputed")
 TARGETS = {"raypo-online": 3.0, "raypo-precomputed": 4.0}
 """Issue 17's pairs/s targets, as multiples of TRL's (stated in the findings, not asserted)."""
-RAY_LOGICAL_CPUS = 4
-"""Logical CPUs the local Ray of a ``raypo train`` job is given (module docstring)."""
+
+
 TRAIN_WORKER_TITLE = "RayTrainWorker"
 """What Ray puts in the process title of a Ray Train worker."""
 COMPILER_TITLE = "cc1plus"
@@ -645,13 +643,12 @@ def run_worker_side(
 def raypo_env() -> dict[str, str]:
     """The environment of a ``raypo train`` job: this one, without a Ray address (the job
     starts its own Ray), with :data:`scaling.RAY_ENV` less its report-poll interval (the
-    product's default applies) and :data:`RAY_LOGICAL_CPUS`."""
+    product's default applies)."""
     from raypo.ray_runtime import REPORT_POLL_ENV
 
     env = {**os.environ, **RAY_ENV}
     for key in ("RAY_ADDRESS", REPORT_POLL_ENV):
         env.pop(key, None)
-    env["RAY_OVERRIDE_RESOURCES"] = json.dumps({"CPU": RAY_LOGICAL_CPUS})
     return env
 
 
@@ -958,7 +955,6 @@ def main(argv: list[str] | None = None) -> None:
             "rounds": args.rounds,
             "quick": args.quick,
             "model": dataclasses.asdict(shape),
-            "ray_logical_cpus": RAY_LOGICAL_CPUS,
         },
         data={"rounds": [{s: dataclasses.asdict(r[s]) for s in r} for r in rounds]},
         figure=_figure(table),
