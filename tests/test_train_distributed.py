@@ -120,6 +120,7 @@ def _with_lora(plan: WorkerPlan) -> WorkerPlan:
 def _first_and_final_loss(plan: WorkerPlan, micro: MicroBatch) -> list[float]:
     """The loss (mean over the workers) at the first of STEPS steps and after the last."""
     worker = build_worker(plan)
+    assert worker.engine.module.training  # from_pretrained's eval mode would skip checkpointing
     first = _global_mean(_step(worker, micro))
     for _ in range(STEPS - 1):
         _step(worker, micro)

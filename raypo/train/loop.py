@@ -187,6 +187,9 @@ def build_worker(plan: WorkerPlan) -> Worker:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed)
     policy, tokenizer = _load_for_training(config, plan.policy_path)
+    # from_pretrained returns eval mode, in which transformers skips gradient checkpointing (and
+    # dropout, where model.disable_dropout is off).
+    policy.train()
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if config.model.lora.enabled:
