@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray.data
 import torch.distributed as dist
@@ -103,3 +104,15 @@ def test_uneven_workers_step_together_with_placeholders(tmp_path: Path) -> None:
     assert rank0 == [[["a"], True], [["b"], True], [["c"], True]]
     # Rank 1 trains on "d" once, then steps twice on zero-weight placeholders.
     assert rank1 == [[["d"], True], [[], False], [[], False]]
+
+
+def test_padding_rows_keep_the_arrow_types_of_the_real_rows(ray_session) -> None:
+    """Token-id list columns stay lists in the padding rows, so one batch can hold real and
+    padding rows (as numpy batches, the padding had become tensor columns, and iterating over
+    the boundary failed to unify list<int64> with them)."""
+    table = pa.table({"id": ["a", "b", "c"], "prompt_ids": [[1, 2], [3], [4, 5, 6]]})
+    padded = pad_for_equal_split(ray.data.from_arrow(table), 3, 2)
+    assert padded.schema().types == ray.data.from_arrow(table).schema().types
+    (batch,) = list(padded.iter_batches(batch_size=4, batch_format="numpy"))
+    assert list(batch["id"]) == ["a", "b", "c", f"{PADDING_ID_PREFIX}0"]
+    assert [list(ids) for ids in batch["prompt_ids"]] == [[1, 2], [3], [4, 5, 6], [1, 2]]

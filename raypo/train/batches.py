@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray.data
 import torch
 import torch.distributed as dist
@@ -54,11 +55,14 @@ def pad_for_equal_split(
     if missing == 0:
         return dataset
 
-    def as_padding(batch: Batch) -> Batch:
-        padding_ids = [f"{PADDING_ID_PREFIX}{index}" for index in range(len(batch["id"]))]
-        return {**batch, "id": np.array(padding_ids, dtype=object)}
+    def as_padding(table: pa.Table) -> pa.Table:
+        # In Arrow, so that every other column keeps its type: numpy batches would turn list
+        # columns into tensor columns, which Ray Data cannot put in one batch with the real rows.
+        ids = [f"{PADDING_ID_PREFIX}{index}" for index in range(table.num_rows)]
+        column = table.schema.get_field_index("id")
+        return table.set_column(column, "id", pa.array(ids, type=table.schema.field("id").type))
 
-    padding = dataset.limit(missing).map_batches(as_padding, batch_format="numpy")
+    padding = dataset.limit(missing).map_batches(as_padding, batch_format="pyarrow")
     return dataset.union(padding)
 
 
