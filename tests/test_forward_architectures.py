@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tiny_models import ARCHITECTURES, PAD, VOCAB, tiny_causal_lm
 from torch import Tensor, nn
 
 from raypo.config import LossConfig
@@ -28,44 +29,7 @@ from raypo.forward import reference_columns, sequence_stats, sequence_stats_and_
 from raypo.model_parts import HEAD_TRANSFORMS, UnsupportedModelError, head_transform
 from raypo.step import ForwardSettings, preference_step
 
-VOCAB = 320
-PAD = 2
 HEAD_SCALE = 30.0
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
-    max_position_embeddings=64,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=PAD,
-)
-MOE = dict(num_experts_per_tok=2, experts_implementation="eager")  # grouped_mm has no float64
-
-ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 30.0}),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"final_logit_softcapping": 30.0}),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
-    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "phi": ("PhiConfig", "PhiForCausalLM", {}),  # an lm-head with a bias
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        dict(MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
-    ),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, num_local_experts=4)),
-}
 FLOAT32_NORMS = ["cohere", "gemma2", "gemma3_text"]
 """The architectures whose norms compute in float32 whatever the model's dtype."""
 TRANSFORMED = ["gemma2", "gemma3_text", "granite", "cohere"]
@@ -81,14 +45,7 @@ COLUMNS = {
 
 def build(name: str, seed: int = 0) -> nn.Module:
     """A float64, eval-mode tiny model of architecture ``name`` with its lm-head scaled up."""
-    config_name, model_name, extra = ARCHITECTURES[name]
-    config = getattr(transformers, config_name)(**{**COMMON, **extra})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = getattr(transformers, model_name)(config).double().eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(HEAD_SCALE)
-    return model
+    return tiny_causal_lm(name, seed=seed, head_scale=HEAD_SCALE)
 
 
 def own_stats(model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -273,22 +230,16 @@ class _ScaledHead(nn.Linear):
         return super().forward(hidden) * 0.5
 
 
-def _llama(model_class: type = transformers.LlamaForCausalLM) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return model_class(transformers.LlamaConfig(**COMMON)).double().eval()
-
-
 def test_unknown_transforms_are_refused_naming_the_model(batch) -> None:
     named = r"_DoubledLlama \(model_type 'llama'\).*changes the lm-head's output"
     with pytest.raises(UnsupportedModelError, match=named):
-        sequence_stats(_llama(_DoubledLlama), batch)
+        sequence_stats(tiny_causal_lm("llama", model_class=_DoubledLlama), batch)
 
 
 def test_a_head_with_its_own_forward_is_refused_unless_it_runs_as_a_module(batch) -> None:
     """From the weight alone raypo cannot apply a head's own forward; run as a module (the
     ZeRO-3 path, ``partitioned_head``) the head's forward is what it computes."""
-    model = _llama()
+    model = tiny_causal_lm("llama")
     head = _ScaledHead(64, VOCAB, bias=False).double()
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight * HEAD_SCALE)
@@ -303,7 +254,7 @@ def test_a_head_with_its_own_forward_is_refused_unless_it_runs_as_a_module(batch
 
 
 def test_the_check_runs_once_and_restores_training_mode(batch) -> None:
-    model = _llama().train()
+    model = tiny_causal_lm("llama").train()
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     sequence_stats(model, batch)
@@ -406,10 +357,7 @@ class _DoubledAuxMixtral(transformers.MixtralForCausalLM):
 
 
 def test_a_router_loss_raypo_does_not_reproduce_is_refused(batch) -> None:
-    _, _, extra = ARCHITECTURES["mixtral"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = _DoubledAuxMixtral(transformers.MixtralConfig(**COMMON, **extra)).double()
+    model = tiny_causal_lm("mixtral", model_class=_DoubledAuxMixtral)
     named = r"router load-balancing loss of _DoubledAuxMixtral \(model_type 'mixtral'\)"
     with pytest.raises(UnsupportedModelError, match=named):
         sequence_stats_and_aux_loss(model, batch)

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-import transformers
+from tiny_models import PAD, tiny_causal_lm
 
 from raypo.forward import padding_free_layout
 from raypo.padding_free import (
@@ -17,8 +17,6 @@ from raypo.padding_free import (
     real_router_logits,
     unpack_hidden,
 )
-
-PAD = 2
 
 
 def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,21 +28,6 @@ def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch
         ids[row, :length] = torch.randint(3, 300, (length,), generator=generator)
         mask[row, :length] = 1
     return ids, mask
-
-
-def tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        pad_token_id=PAD,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).double().eval()
 
 
 def brute_force_cost(lengths: list[int], overhead: int, max_buckets: int) -> float:
@@ -79,7 +62,7 @@ def test_no_overhead_means_one_bucket_per_distinct_length_up_to_the_cap() -> Non
 
 @pytest.mark.parametrize("layout_name", ["bucketed", "packed"])
 def test_hidden_states_of_real_positions_equal_the_padded_forward(layout_name: str) -> None:
-    model = tiny_llama()
+    model = tiny_causal_lm("llama")
     lengths = [7, 19, 3, 19, 11, 5, 16, 2]
     ids, mask = padded_batch(lengths)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from tiny_models import tiny_causal_lm
 from torch import nn
 
 from raypo.config import DataConfig, LossConfig
@@ -32,20 +32,9 @@ trl = pytest.importorskip("trl")
 
 PAIRS = 6
 BETA = 0.1
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
-    max_position_embeddings=1024,
-)
-ARCHITECTURES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 5.0}),
-}
+ARCHITECTURES = {"llama": {}, "qwen2": {}, "gemma2": {"final_logit_softcapping": 5.0}}
+"""The architectures of the parity (tests/tiny_models.py) and their settings here: a softcap
+that the lm-head's scaled logits reach."""
 
 
 def hh_rows() -> list[dict]:
@@ -84,24 +73,21 @@ def conversational_rows() -> list[dict]:
 DATASETS = {"standard": standard_rows, "conversational": conversational_rows}
 
 
-def build(name: str, vocab_size: int, tokenizer, seed: int) -> nn.Module:
+def build(name: str, tokenizer, seed: int) -> nn.Module:
     """A float32 tiny model of architecture ``name`` for ``tokenizer``, its lm-head scaled up so
     that Gemma-2's softcapping changes the logits."""
-    config_name, model_name, extra = ARCHITECTURES[name]
-    config = getattr(transformers, config_name)(
-        **SHAPE,
-        **extra,
-        vocab_size=vocab_size,
+    return tiny_causal_lm(
+        name,
+        seed=seed,
+        dtype=torch.float32,
+        head_scale=10.0,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **ARCHITECTURES[name],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(10.0)
-    return model
 
 
 def trl_first_batch(policy, reference, tokenizer, rows: list[dict], tmp_path: Path):
@@ -145,8 +131,8 @@ def raypo_pairs(rows: list[dict], tokenizer) -> list[TokenizedPair]:
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_token_ids_and_step_one_loss_equal_trls(name: str, data: str, tmp_path: Path) -> None:
     tokenizer = load_tokenizer("tiny")
-    policy = build(name, len(tokenizer), tokenizer, seed=0)
-    reference = build(name, len(tokenizer), tokenizer, seed=1)
+    policy = build(name, tokenizer, seed=0)
+    reference = build(name, tokenizer, seed=1)
     rows = DATASETS[data]()
     trl_dataset, trl_loss = trl_first_batch(policy, reference, tokenizer, rows, tmp_path)
     ours = raypo_pairs(rows, tokenizer)
