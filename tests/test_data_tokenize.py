@@ -11,12 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import processors
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from raypo import models
@@ -29,13 +27,6 @@ from raypo.dispersion import sequence_logps_and_entropy
 EOS = models.EOS_TOKEN
 LONG_PROMPT = "\n\nHuman: " + " ".join(f"question {i}" for i in range(40)) + "\n\nAssistant:"
 LONG_COMPLETION = " " + " ".join(f"answer {i}" for i in range(40))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PreTrainedTokenizerBase]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAYPO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield models.load_tokenizer("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +103,10 @@ def test_eos_is_not_doubled_and_can_be_switched_off(tokenizer: PreTrainedTokeniz
     assert plain.rejected_ids == _encode(tokenizer, " No.")
 
 
-def test_bos_is_prepended_when_the_tokenizer_adds_one(tokenizer: PreTrainedTokenizerBase) -> None:
-    with_bos = copy.deepcopy(tokenizer)
+def test_bos_is_prepended_when_the_tokenizer_adds_one(
+    tokenizer: PreTrainedTokenizerBase, with_bos: PreTrainedTokenizerBase
+) -> None:
     bos = with_bos.bos_token_id
-    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, bos)]
-    )
     prompt = "\n\nHuman: Hi\n\nAssistant:"
     result = _tokenized(tokenize_pair(_pair(prompt, " a", " b"), with_bos, DataConfig()))
     assert result.prompt_ids == [bos, *_encode(tokenizer, prompt)]

@@ -13,12 +13,10 @@ import copy
 import json
 import logging
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import processors
 from transformers import PreTrainedTokenizerBase
 
 from raypo import models
@@ -48,24 +46,6 @@ PARTS_TEMPLATE = (
 )
 """Renders list-of-parts content by joining the text parts (as Qwen2.5-VL's template does) and
 writes BOS itself."""
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PreTrainedTokenizerBase]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAYPO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield models.load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="module")
-def with_bos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """The tiny tokenizer adding BOS to plain text (as Llama's does); its template writes BOS."""
-    result = copy.deepcopy(tokenizer)
-    bos = result.bos_token
-    result.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, result.bos_token_id)]
-    )
-    return result
 
 
 def trl_ids(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[Ids]:
