@@ -33,7 +33,7 @@ from raypo.lora import (
 )
 from raypo.models import load_policy, resolve_model_path
 from raypo.run_layout import ExportLayout, RunLayout
-from raypo.step import preference_step
+from raypo.step import StepResult, preference_step
 from raypo.train.export import export_policy
 from raypo.train.loop import _reference, param_groups
 from raypo.train.worker_plan import WorkerPlan
@@ -60,6 +60,17 @@ def _adapted(gradient_checkpointing: bool = False):
 
 def _batch(tokenizer):
     return collate_pairs(hh_columns(tokenizer, count=4), tokenizer.pad_token_id)
+
+
+def _step_against_disabled_adapters(policy, batch: dict, loss: LossConfig) -> StepResult:
+    """The step of the online LoRA reference: the policy with its adapters disabled."""
+    return preference_step(
+        causal_lm(policy),
+        batch,
+        loss,
+        reference_model=causal_lm(policy),
+        reference_context=lambda: adapters_disabled(policy),
+    )
 
 
 def test_lora_section_nests_under_model_from_yaml_and_overrides(tmp_path: Path) -> None:
@@ -148,13 +159,7 @@ def test_step_with_the_disabled_adapter_reference_trains_only_the_adapters(
     frozen, _ = load_policy("tiny")
     batch, loss = _batch(tokenizer), LossConfig(type="mallows_theta", beta=0.5)
     policy.train()
-    shared = preference_step(
-        causal_lm(policy),
-        batch,
-        loss,
-        reference_model=causal_lm(policy),
-        reference_context=lambda: adapters_disabled(policy),
-    )
+    shared = _step_against_disabled_adapters(policy, batch, loss)
     separate = preference_step(causal_lm(policy), batch, loss, reference_model=frozen.eval())
     torch.testing.assert_close(shared.loss, separate.loss, rtol=1e-6, atol=1e-7)
     shared.loss.backward()
@@ -327,13 +332,7 @@ def test_lora_variants_keep_the_base_as_reference_and_export_what_they_trained(
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     policy.train()
     for _ in range(2):  # B = 0 at first: the second step is the one that moves the policy
-        step = preference_step(
-            causal_lm(policy),
-            batch,
-            loss,
-            reference_model=causal_lm(policy),
-            reference_context=lambda: adapters_disabled(policy),
-        )
+        step = _step_against_disabled_adapters(policy, batch, loss)
         step.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
