@@ -28,7 +28,10 @@ from raypo.config import (
     field_index,
     load_config,
 )
+from raypo.console import configure as configure_console
+from raypo.preflight import check_inputs, model_named
 from raypo.run_layout import RunLayout
+from raypo.trl_names import TRL_FIELDS
 
 COMMANDS: dict[str, str] = {
     "prepare": "raypo.data.prepare:main",
@@ -89,11 +92,18 @@ _DESCRIPTIONS = {
 }
 
 
+_OWN_OPTIONS = frozenset({"config", "resume", "policy", "baseline", "verbose", "help", "version"})
+"""Options argparse answers, never taken for a config field of the same name."""
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate ``--section.field VALUE`` / ``--section.field=VALUE`` / ``--seed 3`` overrides
     from the arguments argparse handles. A flag with no value is kept for
-    :func:`raypo.config.load_config` to report."""
+    :func:`raypo.config.load_config` to report, and so is a field name given without its section
+    (``--learning_rate``) or a TRL name (``--num_train_epochs``): its error suggests the key."""
     top_level = {key for key in field_index() if "." not in key}
+    top_level |= {key.rpartition(".")[2] for key in field_index()} | set(TRL_FIELDS)
+    top_level -= _OWN_OPTIONS
     rest: list[str] = []
     overrides: list[str] = []
     position = 0
@@ -152,8 +162,12 @@ def _run_external(args: argparse.Namespace, overrides: list[str]) -> int:
     config_file = _config_file(args, overrides)
     if config_file is None and args.command in ("train", "tune"):
         args.parser.error(f"{args.command} needs CONFIG (or --resume RUN_DIR)")
-    handler = _handler(args.command)
     config = load_config(config_file, overrides + _aliases(args))
+    if args.command in ("prepare", "train", "tune"):
+        check_inputs(config, model_named(config_file, overrides))
+    configure_console(args.verbose, config.trainer.use_gpu)
+    # Imported only now: a bad config is reported before torch and Ray are imported.
+    handler = _handler(args.command)
     if handler is None:
         module = COMMANDS[args.command].partition(":")[0]
         print(
@@ -250,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (summary, description) in _DESCRIPTIONS.items():
         sub = _subparser(commands, name, summary, description, epilog=True)
         sub.set_defaults(run=_run_external, parser=sub)
+        sub.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also print Ray's, Ray Data's and the libraries' own progress and INFO logs "
+            "(otherwise they are only in Ray's session logs)",
+        )
         if name == "report":
             sub.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
             sub.set_defaults(config_file=None, config_option=None)
@@ -321,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, overrides)
     except ConfigError as error:
-        print(f"raypo: error: {error}", file=sys.stderr)
+        for problem in error.errors:
+            print(f"raypo: error: {problem}", file=sys.stderr)
         return 2
 
 

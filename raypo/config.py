@@ -36,6 +36,7 @@ from raypo.config_base import (
 )
 from raypo.config_inputs import DataConfig, LoraConfig, ModelConfig
 from raypo.objectives import OBJECTIVES, reference_free_objectives
+from raypo.trl_names import TRL_LOSS_TYPES, trl_hints
 
 __all__ = [
     "COMMAND_LINE",
@@ -105,6 +106,10 @@ class LossConfig(Section):
 
     def _validate(self) -> None:
         names = list(OBJECTIVES)
+        if self.type in TRL_LOSS_TYPES and self.type not in names:
+            # difflib's closest name would be wrong: TRL's sigmoid is DPO, not SimPO.
+            problem = f"TRL's loss_type {self.type!r} is raypo's {TRL_LOSS_TYPES[self.type]!r}"
+            self._require(False, "type", problem)
         self._require(self.type in names, "type", "expected " + unknown_choice(self.type, names))
         self._require(
             not (self.mixdpo_estimator == "series" and self.mixdpo_distribution == "lognormal"),
@@ -186,7 +191,10 @@ class TrainerConfig(Section):
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate shape after the linear warmup: cosine or linear decay to 0, or constant."""
     warmup_ratio: float = bounded(0.1, "[0, 1)")
-    """Fraction of all optimizer steps spent warming up linearly from 0."""
+    """Fraction of all optimizer steps spent warming up linearly from 0 (rounded up)."""
+    warmup_steps: int | None = bounded(None, ">= 0")
+    """Optimizer steps spent warming up linearly from 0; when set, it replaces ``warmup_ratio``
+    (TRL's ``warmup_steps``); null = ``warmup_ratio`` decides."""
     num_epochs: float = bounded(1.0, "> 0")
     """Passes over the training pairs (fractional allowed); ignored when ``max_steps`` is set."""
     max_steps: int | None = bounded(None, ">= 1")
@@ -220,7 +228,14 @@ class TrainerConfig(Section):
     """Where Ray Train keeps checkpoints; null = the run directory. A multi-node cluster needs
     storage every node reaches (an NFS path or ``s3://...``)."""
     report_to: list[str] = field(default_factory=list)
-    """Extra metric sinks, each used when installed: tensorboard, wandb, mlflow."""
+    """Extra metric sinks, each used when installed: tensorboard, wandb, mlflow. Each also gets
+    the resolved config (W&B's run config, MLflow's params, TensorBoard's hparams)."""
+    tracker_project: str = "raypo"
+    """The W&B project and the MLflow experiment the run is logged under."""
+    tracker_run_name: str | None = None
+    """The run's name in W&B and MLflow (TRL's ``run_name``); null = the top-level ``name``."""
+    tracker_tags: list[str] = field(default_factory=list)
+    """Tags of the run in W&B and MLflow (MLflow: each a tag with an empty value)."""
 
     def _validate(self) -> None:
         self._require(
@@ -241,6 +256,7 @@ class TrainerConfig(Section):
         )
         unknown = [sink for sink in self.report_to if sink not in _REPORTERS]
         self._require(not unknown, "report_to", f"each entry must be one of {_REPORTERS}")
+        self._require(bool(self.tracker_project.strip()), "tracker_project", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -348,6 +364,8 @@ class TuneConfig(Section):
 @dataclass(frozen=True)
 class RaypoConfig(Section):
     """One run: its name, directory, seed and every section."""
+
+    FOREIGN_NAMES: ClassVar[Mapping[str, str]] = trl_hints()
 
     name: str = "raypo"
     """Run name: letters, digits, ``.``, ``_``, ``-``; used in ``run_dir``."""

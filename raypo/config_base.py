@@ -55,6 +55,33 @@ class ConfigError(ValueError):
         """The same error, saying where the value came from."""
         return ConfigError(self.key, self.value, self.problem, source)
 
+    @property
+    def errors(self) -> list[ConfigError]:
+        """Every problem this error reports (one, unless it is a :class:`ConfigErrors`)."""
+        return [self]
+
+
+class ConfigErrors(ConfigError):
+    """Several bad settings found together, so that one run reports all of them."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        self._errors = [one for error in errors for one in error.errors]
+        first = self._errors[0]
+        super().__init__(first.key, first.value, first.problem, first.source)
+
+    def __str__(self) -> str:
+        return "\n".join(ConfigError.__str__(error) for error in self._errors)
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        return list(self._errors)
+
+
+def combined(errors: Sequence[ConfigError]) -> ConfigError:
+    """One error reporting ``errors`` (non-empty): itself when there is one."""
+    flat = [one for error in errors for one in error.errors]
+    return flat[0] if len(flat) == 1 else ConfigErrors(flat)
+
 
 class Section:
     """Base of a config section dataclass: on construction each field is converted to its
@@ -63,18 +90,26 @@ class Section:
     SECTION: ClassVar[str] = ""
     """Dotted prefix of the section's keys in errors ("" for the root)."""
 
+    FOREIGN_NAMES: ClassVar[Mapping[str, str]] = {}
+    """On the root: field names other tools use -> the hint given for them when they appear as
+    an unknown key (``"bf16": "TRL's bf16 is model.dtype: bf16"``)."""
+
     def __post_init__(self) -> None:
         hints = field_types(type(self))
+        errors: list[ConfigError] = []
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             try:
                 value = coerce(value, hints[spec.name])
             except WrongType as wrong:
-                raise ConfigError(self._key(spec.name), value, f"expected {wrong}") from None
+                errors.append(ConfigError(self._key(spec.name), value, f"expected {wrong}"))
+                continue
             object.__setattr__(self, spec.name, value)
             bounds = spec.metadata.get("bounds")
             if bounds is not None and value is not None and not within(value, bounds):
-                raise ConfigError(self._key(spec.name), value, bounds_problem(bounds))
+                errors.append(ConfigError(self._key(spec.name), value, bounds_problem(bounds)))
+        if errors:
+            raise combined(errors)
         self._validate()
 
     def _validate(self) -> None:
@@ -376,10 +411,13 @@ def _field_spec(root: type, key: str) -> tuple[type, dataclasses.Field[Any]]:
     return cls, next(s for s in dataclasses.fields(cls) if s.name == name)
 
 
-def suggest(key: str, keys: Sequence[str]) -> str:
-    """``; did you mean X?`` for an unknown dotted key: the same field name in another section,
-    else the closest key of its own section, else the closest field name anywhere."""
+def suggest(key: str, keys: Sequence[str], foreign: Mapping[str, str] = {}) -> str:
+    """``; did you mean X?`` for an unknown dotted key: the hint for a field name another tool
+    uses (``foreign``), else the same field name in another section, else the closest key of its
+    own section, else the closest field name anywhere."""
     section, _, name = key.rpartition(".")
+    if name in foreign:
+        return f"; {foreign[name]}"
     by_name = {k.rpartition(".")[2]: k for k in keys}
     own = [k for k in keys if k.rpartition(".")[0] == section]
     close = [by_name[name]] if name in by_name else difflib.get_close_matches(key, own, n=1)
@@ -389,39 +427,67 @@ def suggest(key: str, keys: Sequence[str]) -> str:
 
 
 def build(root: type, data: Mapping[str, Any]) -> Any:
-    """``root`` built from nested mappings (YAML's shape); unknown keys and sections raise."""
+    """``root`` built from nested mappings (YAML's shape); unknown keys and sections, and bad
+    values, raise one error that lists every problem found (a section with a bad value is not
+    checked against the others)."""
     sections, index = sections_of(root), index_fields(root)
+    foreign = getattr(root, "FOREIGN_NAMES", {})
     kwargs: dict[str, Any] = {}
+    errors: list[ConfigError] = []
     for key, value in data.items():
-        if key in sections:
-            kwargs[key] = _build_section(sections[key], str(key), value, index)
-        elif key in index:
-            kwargs[key] = value
-        elif isinstance(value, Mapping):
-            close = difflib.get_close_matches(str(key), list(sections), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            problem = f"unknown section (the sections are {', '.join(sections)}){hint}"
-            raise ConfigError(str(key), dict(value), problem)
-        else:
-            raise ConfigError(str(key), value, "unknown key" + suggest(str(key), list(index)))
-    return root(**kwargs)
+        try:
+            if key in sections:
+                kwargs[key] = _build_section(sections[key], str(key), value, index, foreign)
+            elif key in index:
+                kwargs[key] = value
+            elif isinstance(value, Mapping):
+                close = difflib.get_close_matches(str(key), list(sections), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                problem = f"unknown section (the sections are {', '.join(sections)}){hint}"
+                raise ConfigError(str(key), dict(value), problem)
+            else:
+                hint = suggest(str(key), list(index), foreign)
+                raise ConfigError(str(key), value, "unknown key" + hint)
+        except ConfigError as error:
+            errors.append(error)
+    if not errors:
+        return root(**kwargs)
+    try:
+        root(**kwargs)
+    except ConfigError as error:
+        # Top-level values are checked too; checks across sections are not, as a section that
+        # failed stands at its defaults here.
+        errors += [one for one in error.errors if "." not in (one.key or "")]
+    raise combined(errors)
 
 
-def _build_section(cls: type, section: str, data: Any, index: Mapping[str, Any]) -> Any:
+def _build_section(
+    cls: type, section: str, data: Any, index: Mapping[str, Any], foreign: Mapping[str, str]
+) -> Any:
     if data is None:
         return cls()
     if not isinstance(data, Mapping):
         raise ConfigError(section, data, f"must be a mapping of {section} fields")
     nested = sections_of(cls)
     kwargs: dict[str, Any] = {}
+    errors: list[ConfigError] = []
     for name, value in data.items():
         key = f"{section}.{name}"
-        if name in nested:
-            value = _build_section(nested[name], key, value, index)
-        elif key not in index:
-            raise ConfigError(key, value, "unknown key" + suggest(key, list(index)))
-        kwargs[name] = value
-    return cls(**kwargs)
+        try:
+            if name in nested:
+                value = _build_section(nested[name], key, value, index, foreign)
+            elif key not in index:
+                raise ConfigError(key, value, "unknown key" + suggest(key, list(index), foreign))
+            kwargs[name] = value
+        except ConfigError as error:
+            errors.append(error)
+    try:
+        built = cls(**kwargs)
+    except ConfigError as error:
+        errors.append(error)
+    if errors:
+        raise combined(errors)
+    return built
 
 
 def set_override(raw: dict[str, Any], key: str, value: str, index: Mapping[str, Any]) -> None:
@@ -510,4 +576,5 @@ def load_tree(root: type, path: str | Path | None, overrides: Sequence[str]) -> 
     try:
         return build(root, raw)
     except ConfigError as error:
-        raise error.with_source(origin_of(origins, error.key)) from None
+        found = [one.with_source(origin_of(origins, one.key)) for one in error.errors]
+        raise combined(found) from None

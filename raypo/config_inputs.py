@@ -16,6 +16,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from raypo.config_base import ConfigError, Section, bounded
 
+TINY_MODEL = "tiny"
+"""The ``model.name_or_path`` value that selects the embedded tiny model (:mod:`raypo.models`)."""
+
 ALL_LINEAR = "all-linear"
 """PEFT's name for every linear layer of the model except its output layer."""
 
@@ -80,7 +83,7 @@ class ModelConfig(Section):
 
     SECTION: ClassVar[str] = "model"
 
-    name_or_path: str = "tiny"
+    name_or_path: str = TINY_MODEL
     """Policy to start from: a hub id (``EleutherAI/pythia-2.8b``), a directory written by
     ``save_pretrained``, or ``tiny`` = the embedded ~150k-parameter Llama model and 512-token BPE
     tokenizer that :func:`raypo.models.resolve_model_path` builds offline (cached under

@@ -38,9 +38,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from raypo.config_inputs import TINY_MODEL
 from raypo.lora import adapter_base, is_adapter_dir, merge_adapter
 
-TINY_NAME = "tiny"
+TINY_NAME = TINY_MODEL
 """The ``model.name_or_path`` value that selects the embedded tiny model."""
 
 BOS_TOKEN = "<|bos|>"

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
+
+from raypo.console import verbose
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +33,16 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    # Ray's own INFO lines (the dashboard's address, ...) only with --verbose (raypo.console).
+    level = logging.INFO if verbose() else logging.WARNING
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=level)
     else:
         # Ray Train's controller takes a worker's report when it polls, every this many seconds
         # (2 by default), and a worker's next report waits until it has: with logging_steps 1 a
         # fast step would take 2 s. The local cluster's processes inherit this environment.
         os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_SECONDS)
-        ray.init(include_dashboard=True)
+        ray.init(include_dashboard=True, logging_level=level)
     logger.info("ray: %s", ray.cluster_resources())
 
 
@@ -47,3 +53,19 @@ def disable_data_progress_bars() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
+
+
+@contextmanager
+def data_progress_bars(enabled: bool) -> Iterator[None]:
+    """Ray Data's progress bars on (``enabled``: a terminal) or off for the datasets executed
+    inside the block, whatever the console's default (:mod:`raypo.console`); one bar per
+    dataset, not one per operator."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved = (context.enable_progress_bars, context.enable_operator_progress_bars)
+    context.enable_progress_bars, context.enable_operator_progress_bars = enabled, False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars, context.enable_operator_progress_bars = saved

@@ -116,6 +116,11 @@ class RunLayout:
         return self.root / "metrics.jsonl"
 
     @property
+    def console_log(self) -> Path:
+        """``console.log``: what a sweep's trial printed (its stage and progress lines)."""
+        return self.root / "console.log"
+
+    @property
     def tensorboard(self) -> Path:
         """``tensorboard/``: TensorBoard event files when ``trainer.report_to`` lists it."""
         return self.root / "tensorboard"

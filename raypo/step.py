@@ -70,8 +70,9 @@ class StepResult:
     """Mean loss over the batch's pairs, 0-dim; carries the gradient when grad mode is on."""
     metrics: dict[str, Tensor]
     """TRL-named metrics (detached, 0-dim): ``loss``, ``rewards/*``, ``logps/*``, and where they
-    apply ``dispersion/*``, ``mixdpo/*``, ``reference/accuracies`` (the reference model's own
-    likelihood accuracy on the batch) and ``aux_loss`` (a Mixture-of-Experts policy's router
+    apply ``dispersion/*``, ``mixdpo/*``, ``likelihood/accuracies`` (the fraction of pairs whose
+    chosen completion the policy finds likelier), ``reference/accuracies`` (the same for the
+    reference model) and ``aux_loss`` (a Mixture-of-Experts policy's router
     load-balancing loss, already weighted into ``loss``)."""
     tokens: Tensor
     """Real (non-padding) tokens of the forward, prompt and completions of both halves: a 0-dim
@@ -135,6 +136,9 @@ def preference_step(
     if aux_loss is not None:
         value = value + coef * aux_loss.to(value.dtype)
         metrics |= {"loss": value.detach(), "aux_loss": aux_loss.detach()}
+    # The policy's own likelihood accuracy: the same measure as reference/accuracies, so that a
+    # held-out evaluation compares before (the reference) with after (the policy) like for like.
+    metrics["likelihood/accuracies"] = (chosen > rejected).float().mean()
     if "ref_chosen_logps" in reference:
         ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
         metrics["reference/accuracies"] = (ref_margin > 0).float().mean()

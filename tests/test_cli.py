@@ -4,9 +4,12 @@ implements a command, and one-line errors (exit status 2, no traceback)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -239,3 +242,139 @@ def test_config_fields_documents_a_section(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "loss.beta  (a number, > 0; default 0.1)" in out
     assert "trainer." not in out
+
+
+@pytest.fixture
+def restored_environ() -> Iterator[None]:
+    """``raypo train`` sets the console's environment variables (raypo.console) in its process:
+    restore them after an in-process run."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize(
+    ("flag", "hint"),
+    [
+        ("--learning_rate", "TRL's learning_rate is raypo's trainer.learning_rate"),
+        ("--num_train_epochs", "TRL's num_train_epochs is raypo's trainer.num_epochs"),
+        ("--trainer.per_device_train_batch_size", "raypo's trainer.per_device_batch_size"),
+        ("--model_name_or_path", "TRL's model_name_or_path is raypo's model.name_or_path"),
+        ("--bf16", "TRL's bf16 is raypo's model.dtype: bf16"),
+        ("--output_dir", "TRL's output_dir is raypo's run_dir"),
+        ("--precompute_ref_log_probs", "raypo's reference.mode: precomputed"),
+    ],
+)
+def test_trl_names_with_or_without_a_section_get_raypo_s_key(
+    flag: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["config", "show", QUICKSTART, flag, "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"raypo: error: {flag[2:]} = '1' (from command line): unknown key; ")
+    assert hint in error
+
+
+def test_trl_s_sigmoid_loss_is_pointed_at_dpo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "show", QUICKSTART, "--loss.type", "sigmoid"]) == 2
+    assert "TRL's loss_type 'sigmoid' is raypo's 'dpo'" in capsys.readouterr().err
+
+
+def test_every_config_error_is_reported_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = ["--loss.beta=0", "--trainer.zero_stag=3", "--trainer.num_workers=0", "--seed=x"]
+    assert cli.main(["config", "show", QUICKSTART, *overrides]) == 2
+    keys = [line.split(" = ")[0] for line in capsys.readouterr().err.splitlines()]
+    assert sorted(keys) == sorted(
+        f"raypo: error: {key}"
+        for key in ("loss.beta", "trainer.zero_stag", "trainer.num_workers", "seed")
+    )
+
+
+def test_config_and_input_errors_come_before_torch_and_ray_are_imported(tmp_path: Path) -> None:
+    # A bad value, then a missing data path: each is reported without importing either.
+    code = (
+        "import sys\n"
+        "from raypo.cli import main\n"
+        f"assert main(['train', {QUICKSTART!r}, '--loss.beta', '0']) == 2\n"
+        f"assert main(['train', {QUICKSTART!r}, '--data.path', {str(tmp_path / 'no.jsonl')!r},"
+        f" '--run_dir', {str(tmp_path / 'run')!r}]) == 2\n"
+        "print(sorted({'torch', 'ray', 'deepspeed'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.stdout == "[]\n", result.stderr
+    assert "loss.beta = 0.0 (from command line): must be > 0" in result.stderr
+    assert f"data.path = '{tmp_path / 'no.jsonl'}'" in result.stderr
+    assert "no such file or directory" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gpu_asked_of_a_cpu_only_ray_fails_before_any_work(
+    ray_session: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    restored_environ: None,
+) -> None:
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    status = cli.main(["train", QUICKSTART, "--trainer.use_gpu=true", f"--run_dir={run_dir}"])
+    elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert status == 2 and elapsed < 30
+    assert out == ""
+    assert err.startswith("raypo: error: trainer.use_gpu = True: asks for 2 GPU(s)")
+    assert "the cluster has 0 GPU(s) and 4 CPU(s) in all" in err
+    # No data, config or model written (the run's lock and empty directories may exist).
+    written = [p for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert written == []
+
+
+_OWN_LINE = re.compile(
+    r"^(raypo (train|prepare): |step \d+/\d+ |held-out |  \w|run directory: |"
+    r"metrics: |final policy: )"
+)
+"""raypo's own console lines (stage lines, progress, held-out lines, the summary)."""
+
+
+@pytest.mark.slow
+def test_the_quickstart_console_is_short_and_raypo_s_own(tmp_path: Path) -> None:
+    # The quickstart's stages on fewer rows and steps: data, tiny fit, reference pass, plan,
+    # progress, held-out evaluations and the summary, each on its own line.
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "raypo"),
+            "train",
+            QUICKSTART,
+            f"--run_dir={tmp_path / 'run'}",
+            "--data.max_rows=64",
+            "--model.tiny_fit_steps=5",
+            "--trainer.max_steps=4",
+            "--trainer.logging_steps=1",
+            "--trainer.eval_steps=2",
+            "--trainer.save_steps=0",
+            "--eval.during_training_num_prompts=0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    console = (result.stdout + result.stderr).splitlines()
+    assert result.returncode == 0, "\n".join(console[-40:])
+    own = [line for line in console if _OWN_LINE.match(line)]
+    assert len(console) < 60 and len(own) >= 0.8 * len(console), "\n".join(console)
+    text = "\n".join(own)
+    for fragment in (
+        "raypo train: data: read 64 rows from builtin:hh_sample, accepted ",
+        "raypo train: tiny fit: 5 steps",
+        "raypo train: reference pass: ",
+        "raypo train: plan: ",
+        "step 4/4 (100%) | loss ",
+        "held-out at step 2 (",
+        "held-out result on ",
+        "  likelihood accuracy (the chosen completion is the likelier): before (reference) ",
+        "run directory: ",
+    ):
+        assert fragment in text, "\n".join(console)
+    assert console[-1].startswith("final policy: ")

@@ -14,11 +14,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raypo.train.metrics import MetricsLogger, mean_metrics_across_workers, read_metrics
+from raypo.config import config_to_dict, load_config
+from raypo.train.metrics import (
+    MetricsLogger,
+    TrackerRun,
+    flat_params,
+    mean_metrics_across_workers,
+    read_metrics,
+)
 
 
 def test_jsonl_lines_in_order_with_epoch_and_time(tmp_path: Path) -> None:
-    logger = MetricsLogger(tmp_path / "run", total_steps=20, report_to=[], is_main=True)
+    logger = MetricsLogger(tmp_path / "run", report_to=[], is_main=True)
     logger.log(10, {"loss": 0.69, "rewards/accuracies": 0.5}, epoch=0.5)
     logger.log(20, {"loss": 0.5, "grad_norm": float("nan")})
     # Flushed per line: readable before close.
@@ -37,7 +44,7 @@ def test_jsonl_lines_in_order_with_epoch_and_time(tmp_path: Path) -> None:
 
 def test_appends_to_an_existing_file(tmp_path: Path) -> None:
     for step in (1, 2):
-        logger = MetricsLogger(tmp_path, total_steps=2, report_to=[], is_main=True)
+        logger = MetricsLogger(tmp_path, report_to=[], is_main=True)
         logger.log(step, {"loss": 1.0})
         logger.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
@@ -45,37 +52,12 @@ def test_appends_to_an_existing_file(tmp_path: Path) -> None:
 
 def test_non_main_process_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Not even a missing backend matters off rank 0.
-    logger = MetricsLogger(tmp_path / "run", 10, ["wandb"], is_main=False)
+    logger = MetricsLogger(tmp_path / "run", ["wandb"], is_main=False)
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert not (tmp_path / "run").exists()
     assert read_metrics(tmp_path / "run") == []
     assert capsys.readouterr().out == ""
-
-
-def test_progress_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ticks = iter([100.0, 130.0, 150.0])  # created at 100 s, logs at 130 s and 150 s
-    logger = MetricsLogger(tmp_path, 100, [], is_main=True, clock=lambda: next(ticks))
-    values = {
-        "loss": 0.693147,
-        "rewards/accuracies": 0.625,
-        "tokens_per_s": 1234.4,
-        "learning_rate": 5e-7,
-        "grad_norm": 3.0,
-    }
-    logger.log(10, values)
-    logger.log(20, values)
-    logger.close()
-    first, second = capsys.readouterr().out.splitlines()
-    # First line: 30 s for 10 steps since creation -> 3 s/step x 90 steps left = 270 s.
-    assert first == (
-        "step 10/100 (10%) | loss 0.6931 | rewards/accuracies 0.6250 | learning_rate 5.00e-07 "
-        "| tokens_per_s 1234 | ETA 4m30s"
-    )
-    # Second line: 20 s for steps 10 -> 20 = 2 s/step x 80 steps left = 160 s.
-    assert second.startswith("step 20/100 (20%) | loss 0.6931")
-    assert second.endswith("| ETA 2m40s")
-    assert "grad_norm" not in second
 
 
 @pytest.mark.parametrize("backend", ["tensorboard", "wandb", "mlflow"])
@@ -86,13 +68,13 @@ def test_missing_backend_is_a_clear_error(
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     message = f"trainer.report_to lists {backend} but {backend} is not installed: pip install "
     with pytest.raises(RuntimeError, match=message + backend):
-        MetricsLogger(tmp_path, 10, [backend], is_main=True)
+        MetricsLogger(tmp_path, [backend], is_main=True)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_unknown_backend_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="comet"):
-        MetricsLogger(tmp_path, 10, ["comet"], is_main=True)
+        MetricsLogger(tmp_path, ["comet"], is_main=True)
 
 
 def test_metrics_are_forwarded_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,14 +92,73 @@ def test_metrics_are_forwarded_to_wandb(tmp_path: Path, monkeypatch: pytest.Monk
         return Run()
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    logger = MetricsLogger(tmp_path / "my-run", 10, ["wandb"], is_main=True)
+    logger = MetricsLogger(tmp_path / "my-run", ["wandb"], is_main=True)
     logger.log(3, {"loss": 0.5})
     logger.close()
     assert calls == [
-        ("init", {"project": "raypo", "name": "my-run", "dir": str(tmp_path / "my-run")}),
+        (
+            "init",
+            {
+                "project": "raypo",
+                "name": "my-run",
+                "tags": None,
+                "config": {},
+                "dir": str(tmp_path / "my-run"),
+            },
+        ),
         ("log", {"loss": 0.5}, 3),
         ("finish",),
     ]
+
+
+def test_trackers_get_the_project_name_tags_and_resolved_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple] = []
+
+    class Run:
+        def finish(self) -> None:
+            calls.append(("finish",))
+
+    def init(**kwargs: object) -> Run:
+        calls.append(("wandb.init", kwargs))
+        return Run()
+
+    mlflow = types.SimpleNamespace(
+        set_experiment=lambda name: calls.append(("mlflow.set_experiment", name)),
+        start_run=lambda **kwargs: calls.append(("mlflow.start_run", kwargs)),
+        log_params=lambda params: calls.append(("mlflow.log_params", params)),
+        end_run=lambda: calls.append(("mlflow.end_run",)),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    config = config_to_dict(
+        load_config(None, ["--trainer.tracker_project=prefs", "--trainer.tracker_tags=a,b"])
+    )
+    tracker = TrackerRun("prefs", "beta-0.1", ("a", "b"), config)
+    MetricsLogger(tmp_path, ["wandb", "mlflow"], is_main=True, tracker=tracker).close()
+    wandb_init = calls[0][1]
+    assert (wandb_init["project"], wandb_init["name"], wandb_init["tags"]) == (
+        "prefs",
+        "beta-0.1",
+        ["a", "b"],
+    )
+    assert wandb_init["config"]["loss"]["beta"] == 0.1
+    assert calls[1:3] == [
+        ("mlflow.set_experiment", "prefs"),
+        ("mlflow.start_run", {"run_name": "beta-0.1", "tags": {"a": "", "b": ""}}),
+    ]
+    params = calls[3][1]
+    assert params["loss.beta"] == 0.1 and params["trainer.tracker_tags"] == "['a', 'b']"
+    assert params["trainer.max_steps"] == "None"
+
+
+def test_flat_params_joins_nested_keys() -> None:
+    assert flat_params({"loss": {"beta": 0.1}, "seed": 3, "tags": ["x"]}) == {
+        "loss.beta": 0.1,
+        "seed": 3,
+        "tags": "['x']",
+    }
 
 
 def test_mean_without_distributed_returns_local_values() -> None:

@@ -66,6 +66,13 @@ def test_warmup_steps(ratio: float, total: int, expected: int) -> None:
     assert warmup_steps(TrainerConfig(warmup_ratio=ratio), total) == expected
 
 
+@pytest.mark.parametrize(("steps", "total", "expected"), [(7, 30, 7), (0, 30, 0), (50, 30, 30)])
+def test_warmup_steps_replace_the_ratio(steps: int, total: int, expected: int) -> None:
+    # TRL's warmup_steps: a count, capped at the run's length; the ratio (0.5) is then ignored.
+    trainer = TrainerConfig(warmup_ratio=0.5, warmup_steps=steps)
+    assert warmup_steps(trainer, total) == expected
+
+
 @pytest.mark.parametrize(
     ("kind", "hf_schedule"),
     [

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raypo.config import RaypoConfig
+from raypo.console import is_terminal, stage
 from raypo.data.pipeline import PreparedData, prepare_pairs, read_split
 from raypo.data.reference import ReferencePass, run_reference_pass
-from raypo.data.tiny_fit import fit_reference
+from raypo.data.tiny_fit import fit_reference, read_fit_report
 from raypo.data.validate import DataQualityError
 from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
-from raypo.ray_runtime import init_ray
+from raypo.ray_runtime import data_progress_bars, init_ray
 from raypo.run_layout import RunLayout
 
 FIT_TEXTS = 2000
@@ -55,25 +56,62 @@ class PreparedRun:
         return self.data.split_path(split)
 
 
-def prepare(config: RaypoConfig) -> PreparedRun:
+def prepare(config: RaypoConfig, command: str = "prepare") -> PreparedRun:
     """Run every stage before training for ``config`` on the current Ray cluster (started if
-    needed); see the module docstring."""
+    needed), printing one line per stage as ``raypo COMMAND: ...``; see the module docstring."""
     init_ray()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     data = prepare_pairs(config)
     seconds["tokenise"] = time.perf_counter() - started
+    stage(command, data_line(config, data, seconds["tokenise"]))
     fitted_model = None
     if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
         started = time.perf_counter()
         fitted_model = fit_tiny(config, data)
         seconds["tiny_fit"] = time.perf_counter() - started
+        stage(command, tiny_fit_line(fitted_model, seconds["tiny_fit"]))
     reference = None
     if config.reference.mode == "precomputed":
         started = time.perf_counter()
-        reference = run_reference_pass(_with_model(config, fitted_model), data)
+        with data_progress_bars(is_terminal()):
+            reference = run_reference_pass(_with_model(config, fitted_model), data)
         seconds["reference"] = time.perf_counter() - started
+        pairs = sum(data.split_counts.values())
+        state = "reused from the cache" if reference.cache_hit else "computed"
+        stage(
+            command,
+            f"reference pass: {pairs} pairs {state} in {seconds['reference']:.1f} s -> "
+            f"{reference.directory}",
+        )
     return PreparedRun(data, reference, fitted_model, seconds)
+
+
+def tiny_fit_line(fitted_model: Path, seconds: float) -> str:
+    """The tiny fit's line: steps, texts, next-token loss before and after, time."""
+    report = read_fit_report(fitted_model) or {}
+    loss = ""
+    if "loss_before" in report:
+        loss = f", token loss {report['loss_before']:.2f} -> {report['loss_after']:.2f}"
+    return (
+        f"tiny fit: {report.get('steps', '?')} steps on {report.get('num_texts', '?')} chosen "
+        f"dialogues{loss} in {seconds:.1f} s -> {fitted_model}"
+    )
+
+
+def data_line(config: RaypoConfig, data: PreparedData, seconds: float) -> str:
+    """The data stage's line: rows read, accepted, rejected by reason, the split, the time."""
+    summary = data.summary
+    reasons = ", ".join(f"{reason} {count}" for reason, count in summary.top_reasons())
+    rejected = f"rejected {summary.rejected}"
+    if summary.rejected:
+        rejected += f" ({reasons}; see {data.rejects_path})"
+    counts = data.split_counts
+    return (
+        f"data: read {summary.total} rows from {config.data.path}, accepted {summary.accepted}, "
+        f"{rejected}; split {counts['train']} train / {counts['eval']} held out; tokenised in "
+        f"{seconds:.1f} s"
+    )
 
 
 def _with_model(config: RaypoConfig, fitted_model: Path | None) -> RaypoConfig:
@@ -102,23 +140,14 @@ def fit_tiny(config: RaypoConfig, data: PreparedData) -> Path:
 
 
 def _report(run: PreparedRun) -> str:
-    summary = run.data.summary
+    """What ``raypo prepare`` prints after its stage lines: the per-reason table and where the
+    outputs are."""
     lines = [
-        summary.format_table(),
-        f"splits: train {run.data.split_counts['train']}, eval {run.data.split_counts['eval']}",
-        f"tokenised {summary.total} rows in {run.seconds['tokenise']:.1f} s "
-        f"({summary.total / max(run.seconds['tokenise'], 1e-9):.0f} rows/s)",
+        run.data.summary.format_table(),
         f"prepared data: {run.data.directory}",
         f"rejected rows: {run.data.rejects_path}",
         f"summary: {run.data.summary_path}",
     ]
-    if run.fitted_model is not None:
-        lines.append(f"tiny model fitted in {run.seconds['tiny_fit']:.1f} s: {run.fitted_model}")
-    if run.reference is not None:
-        state = "reused (cache hit)" if run.reference.cache_hit else "computed"
-        lines.append(
-            f"reference pass {state} in {run.seconds['reference']:.1f} s: {run.reference.directory}"
-        )
     return "\n".join(lines)
 
 

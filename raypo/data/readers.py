@@ -71,7 +71,7 @@ def list_sources(cfg: DataConfig) -> list[Source]:
     saved = local.is_dir() and any((local / name).is_file() for name in _SAVED_DATASET_MARKERS)
     if cfg.format == "hf_disk" or (cfg.format == "auto" and saved):
         return _disk_sources(cfg, local)
-    if cfg.format == "auto" and not local.exists() and not _looks_local(path):
+    if cfg.format == "auto" and not local.exists() and not looks_local(path):
         return _hf_sources(cfg)
     sources = []
     for file in _data_files(path, cfg.format):
@@ -301,7 +301,7 @@ def _jsonl_source(file: str) -> Source:
     return Source("jsonl", file)
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """Whether a path that does not exist was meant as a local file rather than a hub name."""
     return (
         path.startswith(("/", ".", "~"))

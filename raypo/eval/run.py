@@ -24,12 +24,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import ray
 
 from raypo.config import RaypoConfig, save_config
+from raypo.console import stage
 from raypo.eval.sampling import (
     BackendChoice,
     EvalError,
@@ -282,6 +284,7 @@ def evaluate(config: RaypoConfig, log: Callable[[str], None] = logger.info) -> d
     sampled = time.perf_counter()
     scores = _score(config, paths, pairs, prompt_texts, *runs)
     scored = time.perf_counter()
+    log(f"sampled in {sampled - started:.1f} s, scored in {scored - sampled:.1f} s")
     results, columns = _results(config, paths, backend, pairs, runs, scores)
     results["seconds"] = {
         "sampling": sampled - started,
@@ -331,7 +334,7 @@ def main(config: RaypoConfig, args: argparse.Namespace) -> int:
     """CLI entry of ``raypo eval``: evaluate, print a summary, then build the report."""
     del args
     try:
-        results = evaluate(config, log=print)
+        results = evaluate(config, log=partial(stage, "eval"))
     except (EvalError, ModelLoadError) as error:
         print(f"raypo eval: {error}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Training metrics: averaged over workers, appended to RUN_DIR/metrics.jsonl, shown as progress.
+"""Training metrics: averaged over workers, appended to RUN_DIR/metrics.jsonl, sent to trackers.
 
 Only the main process (rank 0, or Ray Train's controller) writes. Each ``log`` call appends one
 JSON object per line, ``{"step", ["epoch"], "time", <metric>: value, ...}`` with ``time`` in Unix
@@ -9,11 +9,13 @@ keeps every line logged. The same values go to TensorBoard, Weights & Biases and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,6 @@ import torch
 import torch.distributed as dist
 
 from raypo.run_layout import RunLayout
-
-_PROGRESS_KEYS = (
-    "loss",
-    "rewards/accuracies",
-    "rewards/margins",
-    "eval/loss",
-    "eval/rewards/accuracies",
-    "learning_rate",
-    "tokens_per_s",
-)
-"""Metrics shown on the progress line, in this order, when present."""
 
 _BACKEND_MODULES = {
     "tensorboard": ("torch.utils.tensorboard", "tensorboard"),
@@ -52,23 +43,65 @@ def _import_backend(name: str) -> Any:
         ) from None
 
 
+@dataclass(frozen=True)
+class TrackerRun:
+    """How the run appears in the ``report_to`` trackers."""
+
+    project: str = "raypo"
+    """W&B project / MLflow experiment (``trainer.tracker_project``)."""
+    name: str | None = None
+    """The run's name; None = the run directory's name."""
+    tags: tuple[str, ...] = ()
+    """W&B tags / MLflow tags (``trainer.tracker_tags``)."""
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The resolved config, nested as in YAML, logged as the run's parameters."""
+
+
+def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"beta": 0.1}}`` -> ``{"loss.beta": 0.1}``; lists and None as text (MLflow
+    params and TensorBoard hparams take scalars only)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat |= flat_params(value, f"{prefix}{key}.")
+        elif isinstance(value, bool | int | float | str):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
 class _TensorBoard:
-    def __init__(self, module: Any, run_dir: Path) -> None:
+    def __init__(self, module: Any, run_dir: Path, run: TrackerRun) -> None:
         self.writer = module.SummaryWriter(log_dir=str(RunLayout(run_dir).tensorboard))
+        self.params = flat_params(run.config)
+        self.last: dict[str, float] = {}
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, global_step=step)
+        self.last |= dict(metrics)
         self.writer.flush()
 
     def close(self) -> None:
+        # TensorBoard's hparams view pairs the config with final metrics; written at the end,
+        # when they are known (hparam/ prefix keeps them apart from the scalar series).
+        if self.params:
+            final = {f"hparam/{name}": value for name, value in self.last.items()}
+            self.writer.add_hparams(self.params, final, run_name=".")
         self.writer.close()
 
 
 class _WandB:
-    def __init__(self, module: Any, run_dir: Path) -> None:
+    def __init__(self, module: Any, run_dir: Path, run: TrackerRun) -> None:
         self.module = module
-        self.run = module.init(project="raypo", name=run_dir.name, dir=str(run_dir))
+        self.run = module.init(
+            project=run.project,
+            name=run.name or run_dir.name,
+            tags=list(run.tags) or None,
+            config=dict(run.config),
+            dir=str(run_dir),
+        )
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.run.log(dict(metrics), step=step)
@@ -78,9 +111,15 @@ class _WandB:
 
 
 class _MLflow:
-    def __init__(self, module: Any, run_dir: Path) -> None:
+    def __init__(self, module: Any, run_dir: Path, run: TrackerRun) -> None:
         self.module = module
-        self.run = module.start_run(run_name=run_dir.name)
+        module.set_experiment(run.project)
+        self.run = module.start_run(
+            run_name=run.name or run_dir.name, tags={tag: "" for tag in run.tags}
+        )
+        params = flat_params(run.config)
+        if params:
+            module.log_params(params)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.module.log_metrics(dict(metrics), step=step)
@@ -96,51 +135,26 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _duration(seconds: float) -> str:
-    """``1h02m03s`` / ``2m03s`` / ``3s``."""
-    whole = int(round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def _format_value(name: str, value: float) -> str:
-    if name == "learning_rate":
-        return f"{value:.2e}"
-    if name == "tokens_per_s":
-        return f"{value:.0f}"
-    return f"{value:.4f}"
-
-
 class MetricsLogger:
-    """Writes metrics.jsonl, prints progress and forwards to the ``report_to`` backends.
+    """Writes metrics.jsonl and forwards to the ``report_to`` backends (the driver's
+    :class:`raypo.train.progress.ProgressMonitor` shows the file's records on the console).
 
     Args:
         run_dir: the run directory; ``metrics.jsonl`` (and ``tensorboard/``) go inside.
-        total_steps: optimizer steps of the whole run, for the progress fraction and ETA.
         report_to: any of ``tensorboard``, ``wandb``, ``mlflow``; each must be installed.
         is_main: only the main process writes; elsewhere every method does nothing.
-        clock: monotonic seconds behind the ETA (replaceable in tests).
+        tracker: the project, name, tags and config the backends record the run with.
     """
 
     def __init__(
         self,
         run_dir: Path,
-        total_steps: int,
         report_to: list[str],
         is_main: bool,
-        clock: Callable[[], float] = time.monotonic,
+        tracker: TrackerRun = TrackerRun(),
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.total_steps = total_steps
         self.is_main = is_main
-        self._clock = clock
-        self._created = clock()
-        self._first: tuple[float, int] | None = None
         self._backends: list[Any] = []
         self._file = None
         if not is_main:
@@ -151,10 +165,12 @@ class MetricsLogger:
         modules = {name: _import_backend(name) for name in report_to}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = RunLayout(self.run_dir).metrics.open("a", encoding="utf-8")
-        self._backends = [_BACKENDS[name](module, self.run_dir) for name, module in modules.items()]
+        self._backends = [
+            _BACKENDS[name](module, self.run_dir, tracker) for name, module in modules.items()
+        ]
 
     def log(self, step: int, metrics: Mapping[str, float], epoch: float | None = None) -> None:
-        """Append one line for optimizer step ``step``, print progress, forward to backends."""
+        """Append one line for optimizer step ``step`` and forward it to the backends."""
         if self._file is None:
             return
         values = {name: float(value) for name, value in metrics.items()}
@@ -165,36 +181,8 @@ class MetricsLogger:
         record |= {name: _finite_or_none(value) for name, value in values.items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        print(self.progress_line(step, values), flush=True)
         for backend in self._backends:
             backend.log(step, values)
-
-    def progress_line(self, step: int, metrics: Mapping[str, float]) -> str:
-        """``step 40/100 (40%) | loss 0.6812 | ... | ETA 1m05s`` for the metrics present."""
-        percent = 100.0 * step / max(1, self.total_steps)
-        parts = [f"step {step}/{self.total_steps} ({percent:.0f}%)"]
-        parts += [
-            f"{name} {_format_value(name, metrics[name])}"
-            for name in _PROGRESS_KEYS
-            if name in metrics
-        ]
-        eta = self._eta(step)
-        parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA ?")
-        return " | ".join(parts)
-
-    def _eta(self, step: int) -> float | None:
-        """Seconds left at the rate between the first logged step and now (so start-up time and
-        steps done before a resume do not count); before a second log, the rate since creation
-        assuming the run started at step 0."""
-        now = self._clock()
-        if self._first is None:
-            self._first = (now, step)
-            elapsed, steps = now - self._created, step
-        else:
-            elapsed, steps = now - self._first[0], step - self._first[1]
-        if steps <= 0:
-            return None
-        return max(0.0, elapsed / steps * (self.total_steps - step))
 
     def close(self) -> None:
         """Flush and close the file and every backend; safe to call twice."""

@@ -28,18 +28,21 @@ import ray.util
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypo.config import RaypoConfig, save_config
+from raypo.config import RaypoConfig, config_to_dict, save_config
+from raypo.console import is_terminal, ray_train_log_level, stage
 from raypo.data.pipeline import apply_row_order, read_split
 from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
 from raypo.forward import padding_free_layout
 from raypo.models import resolve_model_path
+from raypo.preflight import check_resources, resource_warnings
 from raypo.ray_runtime import init_ray
 from raypo.run_layout import RunLayout
 from raypo.train.batches import pad_for_equal_split
 from raypo.train.generation_eval import select_prompts
 from raypo.train.loop import train_worker
-from raypo.train.metrics import MetricsLogger
+from raypo.train.metrics import MetricsLogger, TrackerRun
+from raypo.train.progress import ProgressMonitor, summary_lines
 from raypo.train.schedule import total_training_steps
 from raypo.train.worker_plan import StepCallback, WorkerPlan
 
@@ -47,18 +50,19 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsCallback(ray.train.UserCallback):
-    """Writes rank 0's reports to RUN_DIR/metrics.jsonl and prints progress (controller side)."""
+    """Writes rank 0's reports to RUN_DIR/metrics.jsonl and the trackers (controller side; the
+    driver's :class:`raypo.train.progress.ProgressMonitor` prints them)."""
 
-    def __init__(self, run_path: Path, total_steps: int, report_to: list[str]) -> None:
+    def __init__(self, run_path: Path, report_to: list[str], tracker: TrackerRun) -> None:
         self.run_path = run_path
-        self.total_steps = total_steps
         self.report_to = report_to
+        self.tracker = tracker
         self.logger: MetricsLogger | None = None
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint) -> None:
         # Created on Ray Train's controller: the callback is pickled, and a logger holds a file.
         if self.logger is None:
-            self.logger = MetricsLogger(self.run_path, self.total_steps, self.report_to, True)
+            self.logger = MetricsLogger(self.run_path, self.report_to, True, self.tracker)
         values = dict(metrics[0])
         step = int(values.pop("step"))
         epoch = values.pop("epoch", None)
@@ -185,12 +189,40 @@ def _worker_plan(
     )
 
 
-def _print_forward_layout(config: RaypoConfig) -> None:
-    trainer = config.trainer
+def _print_plan(config: RaypoConfig, plan: WorkerPlan, prepared: PreparedRun) -> None:
+    """The training stage's line: pairs, steps, batch, epochs, workers and forward layout."""
+    counts, trainer = prepared.data.split_counts, config.trainer
     layout = padding_free_layout(
         trainer.padding_free, config.model.attn_implementation, trainer.zero_stage == 3
     )
-    print(f"raypo train: forward layout {layout} (trainer.padding_free: {trainer.padding_free})")
+    per_step = trainer.num_workers * trainer.per_device_batch_size
+    per_step *= trainer.gradient_accumulation_steps
+    epochs = plan.total_steps * per_step / max(1, counts["train"])
+    stage(
+        "train",
+        f"plan: {counts['train']} training pairs, {counts['eval']} held out; "
+        f"{plan.total_steps} steps of {per_step} pairs ({trainer.num_workers} workers x "
+        f"{trainer.per_device_batch_size} x {trainer.gradient_accumulation_steps} accumulated), "
+        f"{epochs:.2f} epochs; {'GPU' if trainer.use_gpu else 'CPU'} workers, ZeRO-"
+        f"{trainer.zero_stage}, forward layout {layout}",
+    )
+
+
+def _check_cluster(config: RaypoConfig) -> None:
+    """Requests beyond the cluster fail here, before any data work (:mod:`raypo.preflight`)."""
+    check_resources(config, ray.cluster_resources())
+    for warning in resource_warnings(config):
+        stage("train", f"warning: {warning}")
+
+
+def _tracker(config: RaypoConfig) -> TrackerRun:
+    trainer = config.trainer
+    return TrackerRun(
+        project=trainer.tracker_project,
+        name=trainer.tracker_run_name or config.name,
+        tags=tuple(trainer.tracker_tags),
+        config=config_to_dict(config),
+    )
 
 
 def train(
@@ -211,13 +243,14 @@ def train(
     config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
     _refuse_accidental_resume(config, resume)
     init_ray()
+    _check_cluster(config)
     if prepared is None:
-        prepared = prepare(config)
+        prepared = prepare(config, command="train")
     config = prepared.configure(config)
     save_config(config, RunLayout(config.run_path).config)
-    _print_forward_layout(config)
     plan = _worker_plan(config, prepared, step_callbacks)
     datasets = _datasets(config, prepared)
+    _print_plan(config, plan, prepared)
     trainer_config = config.trainer
     resources = {"CPU": trainer_config.cpus_per_worker}
     if trainer_config.use_gpu:
@@ -234,15 +267,18 @@ def train(
         run_config=RunConfig(
             name=config.name,
             storage_path=_storage(config),
+            logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level()),
             failure_config=FailureConfig(max_failures=trainer_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=trainer_config.save_total_limit),
             callbacks=[
-                MetricsCallback(config.run_path, plan.total_steps, trainer_config.report_to),
+                MetricsCallback(config.run_path, trainer_config.report_to, _tracker(config)),
                 *callbacks,
             ],
         ),
     )
-    result = trainer.fit()
+    metrics_path = RunLayout(config.run_path).metrics
+    with ProgressMonitor(metrics_path, plan.total_steps, live=is_terminal()):
+        result = trainer.fit()
     return TrainResult(config.run_path, Path(plan.final_dir), dict(result.metrics or {}))
 
 
@@ -258,14 +294,8 @@ def main(config: RaypoConfig, args: argparse.Namespace) -> int:
     except DataQualityError as error:
         print(f"raypo train: {error}", file=sys.stderr)
         return 1
-    metrics = result.metrics
-    if "eval/rewards/accuracies" in metrics:
-        print(
-            f"held-out implicit-reward accuracy: {metrics['eval/rewards/accuracies']:.3f} "
-            f"(reference model's likelihood accuracy: "
-            f"{metrics.get('eval/reference/accuracies', float('nan')):.3f}) "
-            f"on {int(metrics.get('eval/pairs', 0))} pairs"
-        )
+    for line in summary_lines(result.metrics):
+        print(line)
     print(f"run directory: {result.run_path}")
     print(f"metrics: {RunLayout(result.run_path).metrics}")
     print(f"final policy: {result.final_dir}")

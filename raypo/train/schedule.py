@@ -55,7 +55,10 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
 
 
 def warmup_steps(trainer: TrainerConfig, total_steps: int) -> int:
-    """``ceil(warmup_ratio * total_steps)`` optimizer steps of linear warmup."""
+    """Optimizer steps of linear warmup: ``trainer.warmup_steps`` when set (at most
+    ``total_steps``), else ``ceil(warmup_ratio * total_steps)``."""
+    if trainer.warmup_steps is not None:
+        return min(trainer.warmup_steps, total_steps)
     return _ceil(trainer.warmup_ratio * total_steps)
 
 

@@ -18,6 +18,7 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -34,6 +35,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 from ray.tune.search.optuna import OptunaSearch
 
 from raypo.config import ConfigError, RaypoConfig, save_config
+from raypo.console import stage, verbose
 from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
 from raypo.ray_runtime import init_ray
@@ -97,7 +99,7 @@ def plan_sweep(config: RaypoConfig, step_callbacks: Sequence[StepCallback] = ())
             "the reference pass, so every trial prepares its own"
         )
         return SweepPlan(config, None, tuple(step_callbacks))
-    prepared = prepare(config)
+    prepared = prepare(config, command="tune")
     return SweepPlan(prepared.configure(config), prepared, tuple(step_callbacks))
 
 
@@ -126,13 +128,17 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     run_dir = trial.root
     config = apply_params(plan.base, params, f"{plan.base.name}-{trial_id}", str(run_dir))
     callbacks = [MetricReportCallback(metric)]
-    result = train(
-        config,
-        resume=True,
-        callbacks=callbacks,
-        prepared=plan.prepared,
-        step_callbacks=plan.step_callbacks,
-    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The trial's stage and progress lines go to its own log: the sweep's console holds one line
+    # per trial as it ends (TrialLines).
+    with trial.console_log.open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        result = train(
+            config,
+            resume=True,
+            callbacks=callbacks,
+            prepared=plan.prepared,
+            step_callbacks=plan.step_callbacks,
+        )
     value = result.metrics.get(metric)
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise RuntimeError(
@@ -140,6 +146,34 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
             "check tune.metric and trainer.eval_steps"
         )
     trial.trial_done.write_text(f"{metric}: {value}\n", encoding="utf-8")
+
+
+class TrialLines(tune.Callback):
+    """Prints one line per trial as it ends (Tune's own status tables only with --verbose)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.ended = 0
+
+    def _line(self, trial: Any, outcome: str) -> None:
+        self.ended += 1
+        params = " ".join(f"{key}={_short(value)}" for key, value in trial.config.items())
+        stage("tune", f"trial {self.ended} ({trial.trial_id}) {outcome} | {params}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Tune's hook: a trial finished or was stopped by the scheduler."""
+        value = (trial.last_result or {}).get(self.metric)
+        shown = f"{value:.4f}" if isinstance(value, int | float) else "n/a"
+        iterations = (trial.last_result or {}).get("training_iteration", 0)
+        self._line(trial, f"ended after {iterations} evaluation(s): {self.metric} {shown}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Tune's hook: a trial raised."""
+        self._line(trial, f"failed (see {trial.path})")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _scheduler(config: RaypoConfig) -> TrialScheduler:
@@ -198,7 +232,10 @@ def _tuner(config: RaypoConfig, plan: SweepPlan, resume: bool) -> tune.Tuner:
             num_samples=tune_config.num_samples,
         ),
         run_config=tune.RunConfig(
-            name=RunLayout(config.run_path).tune.name, storage_path=str(config.run_path)
+            name=RunLayout(config.run_path).tune.name,
+            storage_path=str(config.run_path),
+            verbose=None if verbose() else 0,
+            callbacks=[TrialLines(tune_config.metric)],
         ),
     )
 
