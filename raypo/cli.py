@@ -31,6 +31,7 @@ from raypo.config import (
 from raypo.console import configure as configure_console
 from raypo.preflight import check_inputs, model_named
 from raypo.run_layout import RunLayout
+from raypo.run_lock import refuse_if_locked
 from raypo.trl_names import TRL_FIELDS
 
 COMMANDS: dict[str, str] = {
@@ -89,6 +90,14 @@ _DESCRIPTIONS = {
         f"Rebuild {_RUN.eval_report} and its plots from the files a run saved, using the "
         f"run's resolved configuration ({_RUN.config}).",
     ),
+}
+
+
+_RESUME_HELP = {
+    "train": "continue the run in RUN_DIR from its newest whole checkpoint, with the run's own "
+    f"settings ({_RUN.config}); a CONFIG or flags given with it may change only logging, "
+    "checkpoint cadence, evaluation and storage",
+    "tune": f"continue the sweep in RUN_DIR (CONFIG defaults to {_RUN.config})",
 }
 
 
@@ -166,6 +175,9 @@ def _run_external(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command in ("prepare", "train", "tune"):
         check_inputs(config, model_named(config_file, overrides))
     configure_console(args.verbose, config.trainer.use_gpu)
+    if args.command == "train":
+        # Answered before torch and Ray are imported: a second run is refused within seconds.
+        refuse_if_locked(Path(getattr(args, "resume", None) or config.run_path))
     # Imported only now: a bad config is reported before torch and Ray are imported.
     handler = _handler(args.command)
     if handler is None:
@@ -280,8 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--resume",
                 metavar="RUN_DIR",
-                help="continue the run in RUN_DIR from its last checkpoint (CONFIG defaults to "
-                f"{_RUN.config})",
+                help=_RESUME_HELP[name],
             )
         if name == "eval":
             sub.add_argument("--policy", dest="eval.policy", metavar="PATH", help="= --eval.policy")

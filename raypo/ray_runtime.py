@@ -19,7 +19,7 @@ REPORT_POLL_SECONDS = "0.25"
 that raypo starts; on a cluster, set the variable in the job's runtime environment."""
 
 
-def init_ray() -> None:
+def init_ray() -> bool:
     """Join the Ray cluster this process belongs to, or start a local one.
 
     Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) this connects to that cluster; otherwise
@@ -28,11 +28,13 @@ def init_ray() -> None:
     a run's controller is gone. Without it the workers' CPUs of a run that ended abruptly (a
     sweep trial stopped by ASHA) stay reserved, and on a small machine the next trial waits for
     them forever. A no-op when Ray is already initialised, so tests and notebooks can start Ray
-    with their own resources first.
+    with their own resources first. Returns whether it started a local Ray (which its caller
+    then stops: :func:`local_ray`).
     """
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS")
+    started = not address
     # Ray's own INFO lines (the dashboard's address, ...) only with --verbose (raypo.console).
     level = logging.INFO if verbose() else logging.WARNING
     if address:
@@ -44,6 +46,21 @@ def init_ray() -> None:
         os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_SECONDS)
         ray.init(include_dashboard=True, logging_level=level)
     logger.info("ray: %s", ray.cluster_resources())
+    return started
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """Ray, as :func:`init_ray` joins or starts it, for the duration of the block; a local
+    cluster started here is stopped on every way out of it (an error, Ctrl-C), so that its
+    processes (raylet, GCS, dashboard, runtime-env and dashboard agents, workers) do not outlive
+    the command. A Ray joined or started by someone else is left running."""
+    started = init_ray()
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def disable_data_progress_bars() -> None:

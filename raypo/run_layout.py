@@ -4,6 +4,7 @@
 so ``raypo train``, ``raypo eval``, ``raypo report`` and ``raypo tune`` agree on where things are
 without importing each other. A run directory holds, when the stage that writes each has run::
 
+    .raypo.lock          held by the run writing the directory (host and pid inside)
     config.yaml          the resolved configuration (what --resume and raypo report read)
     data_summary.json    rows read, accepted, rejected per reason and per source; split sizes
     rejects.jsonl        every rejected row with its source, reason and detail
@@ -13,7 +14,8 @@ without importing each other. A run directory holds, when the stage that writes 
     metrics.jsonl        training and held-out metrics, one JSON object per logged step
     tensorboard/         TensorBoard events (trainer.report_to tensorboard)
     generations.jsonl    completions sampled during training
-    ray/                 Ray Train's checkpoints (default trainer.storage_path)
+    ray/                 Ray Train's checkpoints (default trainer.storage_path), each laid out as
+                         CheckpointLayout says
     final/               the exported policy; mixdpo_strength.json beside its weights
     eval/                raypo eval's results.json, samples.jsonl, config.yaml, report.md, plots/
 
@@ -62,11 +64,44 @@ class ExportLayout:
 
 
 @dataclass(frozen=True)
+class CheckpointLayout:
+    """One training checkpoint directory (``ray/<name>/checkpoint_*``): every rank's files, which
+    Ray Train gathers from the ranks into one directory."""
+
+    root: Path
+    """The checkpoint directory."""
+
+    ENGINE_TAG = "engine"
+    """DeepSpeed's tag: the engine state (model, optimizer, LR scheduler) is under ``engine/``."""
+
+    @property
+    def engine(self) -> Path:
+        """``engine/``: DeepSpeed's files, one optimizer shard per rank under ZeRO."""
+        return self.root / self.ENGINE_TAG
+
+    def train_state(self, rank: int) -> Path:
+        """``train_state_rank<r>.pt``: rank r's counters, trained pair ids and RNG states (plain
+        tensors and Python values: loads with ``torch.load(weights_only=True)``)."""
+        return self.root / f"train_state_rank{rank}.pt"
+
+    def manifest(self, rank: int) -> Path:
+        """``manifest_rank<r>.json``: written last by rank r: the world size, step, pairs
+        consumed, and the size and SHA-256 of every file rank r wrote."""
+        return self.root / f"manifest_rank{rank}.json"
+
+
+@dataclass(frozen=True)
 class RunLayout:
     """The paths of a run directory (module docstring); nothing is created or read."""
 
     root: Path
     """The run directory (``config.run_path``)."""
+
+    @property
+    def lock(self) -> Path:
+        """``.raypo.lock``: the one-writer lock (:mod:`raypo.run_lock`), held by the live run
+        writing this directory; its text names that run's host and pid."""
+        return self.root / ".raypo.lock"
 
     # The data stage (raypo.data).
 

@@ -8,8 +8,11 @@ callback on every trial's workers, exiting 1 when a trial failed or did not fini
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,33 @@ class KillOnce:
         if event.rank == event.world_size - 1:
             marker.write_text(f"rank {event.rank} killed at step {event.step}\n")
             os._exit(1)
+
+
+@dataclass(frozen=True)
+class SecondRun:
+    """Rank 0 starts ``raypo train --resume RUN_DIR`` into the run it belongs to at optimizer
+    step ``step``, waits for it, and writes its exit status, stderr and seconds taken to
+    ``RUN_DIR/../second_run.json`` (outside the run directory, which it must not change)."""
+
+    step: int
+    run_dir: str
+
+    def __call__(self, event) -> None:
+        if event.step != self.step or event.rank != 0:
+            return
+        started = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "raypo", "train", "--resume", self.run_dir],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        record = {
+            "returncode": second.returncode,
+            "stderr": second.stderr,
+            "seconds": time.monotonic() - started,
+        }
+        (Path(self.run_dir).parent / "second_run.json").write_text(json.dumps(record))
 
 
 def ship_by_value() -> None:

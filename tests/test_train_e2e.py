@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from faults import MARKER, KillOnce, ship_by_value
+from faults import MARKER, KillOnce, SecondRun, ship_by_value
 from transformers import AutoModelForCausalLM
 
 from raypo.config import load_config
@@ -219,19 +220,52 @@ def test_killed_worker_restarts_from_checkpoint_without_losing_or_repeating_pair
     assert (result.final_dir / "model.safetensors").exists()
 
 
+def _corrupt_the_two_newest(run_path: Path, name: str) -> list[str]:
+    """The newest checkpoint loses rank 1's train state, the one before gets its rank-1
+    optimizer shard cut short (a full disk); returns their names, newest first."""
+    directories = sorted(p for p in (RunLayout(run_path).ray / name).glob("checkpoint_*"))
+    assert len(directories) == 3, directories  # trainer.save_total_limit
+    newest, before = directories[-1], directories[-2]
+    (newest / "train_state_rank1.pt").unlink()
+    shard = next((before / "engine").glob("*rank_1*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    return [newest.name, before.name]
+
+
 def test_resume_after_the_whole_job_stopped_trains_each_pair_once(
-    ray_session, tmp_path: Path
+    ray_session, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The job dies at step 5 with checkpoints at steps 3, 4 and 5; the step-5 one misses a rank's
+    train state and the step-4 one has a truncated file. The resume refuses other settings,
+    falls back to step 3 naming both skipped checkpoints, refuses a second run into its directory
+    while it trains, and still trains every pair of the epoch exactly once."""
     ship_by_value()
-    config = _epoch_config(tmp_path / "run", "--trainer.max_failures=0")
+    config = _epoch_config(
+        tmp_path / "run",
+        "--trainer.max_failures=0",
+        "--trainer.save_steps=1",
+        "--trainer.save_total_limit=3",
+    )
     with pytest.raises(Exception, match="(?i)fail|error"):
-        train(config, step_callbacks=[KillOnce(3, str(config.run_path))])
+        train(config, step_callbacks=[KillOnce(5, str(config.run_path))])
     with pytest.raises(SystemExit, match="--resume"):
         train(config)  # a fresh start would silently resume: refused
-    result = train(config, resume=True)
+    skipped = _corrupt_the_two_newest(config.run_path, config.name)
+    longer = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, max_steps=9))
+    with pytest.raises(SystemExit, match="trainer.max_steps: None -> 9"):
+        train(longer, resume=True)
+    capsys.readouterr()
+    second = SecondRun(4, str(config.run_path.resolve()))
+    result = train(config, resume=True, step_callbacks=[second])
+    printed = capsys.readouterr().out
+    assert all(f"skipped checkpoint {name}" in printed for name in skipped), printed
+    assert "(step 3, epoch 0, 24 pairs trained, 2 workers)" in printed, printed
     assert trained_ids(_latest_checkpoint(result.run_path, config.name)) == _train_ids(
         result.run_path
     )
+    refused = json.loads((config.run_path.parent / "second_run.json").read_text())
+    assert refused["returncode"] != 0 and "is in use by another run" in refused["stderr"]
+    assert refused["seconds"] < 30, refused
     # The pairs left after the restart can take an extra lock-step step; the schedule follows the
     # pairs trained, so only the update that trains the last pairs reaches learning rate 0.
     records = [m for m in read_metrics(result.run_path) if "learning_rate" in m]

@@ -1,12 +1,20 @@
 """Checkpoints of a training run: everything needed to continue as if nothing had happened.
 
-A checkpoint directory holds the DeepSpeed engine (model, optimizer, LR scheduler; one shard per
-rank under ZeRO), and per rank a ``train_state_rank{r}.pt`` with the step, the epoch, the pair ids
-that rank trained on in the current epoch (in order, repeats kept, so the files together are the
-epoch's multiset), its RNG states, and the MixDPO strength distribution with its optimizer. Ray
-Train uploads every rank's files into one checkpoint; on restore each rank reads all ranks' ids,
-since ``streaming_split`` may now send it rows another rank had (without ``data.preserve_order``,
-or with another number of workers).
+A checkpoint directory (:class:`raypo.run_layout.CheckpointLayout`) holds the DeepSpeed engine
+(model, optimizer, LR scheduler; one shard per rank under ZeRO), and per rank a
+``train_state_rank{r}.pt`` with the step, the epoch, the pair ids that rank trained on in the
+current epoch (in order, repeats kept, so the files together are the epoch's multiset), its RNG
+states, and the MixDPO strength distribution with its optimizer, and last its manifest
+(:mod:`raypo.train.manifest`). Ray Train uploads every rank's files into one checkpoint; on
+restore each rank first checks the manifests (every rank's files there, at their sizes, the train
+states at their checksums), then reads all ranks' ids, since ``streaming_split`` may now send it
+rows another rank had (without ``data.preserve_order``).
+
+The train state holds only tensors, strings and numbers, and is read with
+``torch.load(weights_only=True)``: unpickling it runs no code from the checkpoint storage.
+DeepSpeed's own loader still unpickles its engine files (``torch.load(weights_only=False)``);
+those are listed with their SHA-256 in the manifests, which ``raypo train --resume`` verifies
+before any worker loads them.
 
 With LoRA (``model.lora``) the engine state is the PEFT model's: the adapters with their
 optimizer state, and the frozen base weights too, as DeepSpeed saves the whole module. The base is
@@ -23,9 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 
-ENGINE_TAG = "engine"
+from raypo.run_layout import CheckpointLayout
+from raypo.train.manifest import CheckpointError, verify_checkpoint, write_manifest
+
+ENGINE_TAG = CheckpointLayout.ENGINE_TAG
 """DeepSpeed's tag (sub-directory) for the engine state inside a checkpoint."""
 
 
@@ -58,21 +70,36 @@ class TrainState:
         self.trained = []
 
 
-def _state_file(directory: Path, rank: int) -> Path:
-    return directory / f"train_state_rank{rank}.pt"
-
-
 def _rng_states() -> dict[str, Any]:
+    """This process's RNG states as tensors and numbers (``weights_only``-loadable)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(mt_state), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": position,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
         "torch": torch.get_rng_state(),
     }
 
 
 def _restore_rng(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = states["numpy"]
+    np.random.set_state(
+        (
+            numpy["name"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(states["torch"])
 
 
@@ -81,10 +108,13 @@ def save_checkpoint(
     engine: Any,
     state: TrainState,
     rank: int,
+    world_size: int,
     strength: torch.nn.Module | None,
     strength_optimizer: torch.optim.Optimizer | None,
 ) -> None:
-    """Write this rank's part of a checkpoint into ``directory`` (every rank must call it)."""
+    """Write this rank's part of a checkpoint into ``directory`` (every rank must call it, each
+    into a directory of its own), its manifest last."""
+    layout = CheckpointLayout(directory)
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
     payload = {
         "step": state.step,
@@ -97,26 +127,40 @@ def save_checkpoint(
         if strength_optimizer is None
         else strength_optimizer.state_dict(),
     }
-    torch.save(payload, _state_file(directory, rank))
+    torch.save(payload, layout.train_state(rank))
+    counters = {"step": state.step, "epoch": state.epoch, "pairs_done": state.pairs_done}
+    write_manifest(directory, rank, world_size, counters)
+
+
+def _train_states(directory: Path, world_size: int) -> list[dict[str, Any]]:
+    """Every rank's train state, after checking the checkpoint's manifests (sizes of all files,
+    checksums of the train states) and that ``world_size`` ranks wrote it."""
+    info = verify_checkpoint(str(directory), checksums="train_state")
+    if info.world_size != world_size:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by {info.world_size} workers, this run has "
+            f"{world_size}: restoring onto another number of workers is not supported"
+        )
+    layout = CheckpointLayout(directory)
+    return [torch.load(layout.train_state(r), weights_only=True) for r in range(world_size)]
 
 
 def load_checkpoint(
     directory: Path,
     engine: Any,
     rank: int,
+    world_size: int,
     strength: torch.nn.Module | None,
     strength_optimizer: torch.optim.Optimizer | None,
 ) -> TrainState:
-    """Restore the engine, this rank's RNG and the strength; return the merged TrainState."""
+    """Check the checkpoint, restore the engine, this rank's RNG and the strength; return the
+    merged TrainState. Raises :class:`raypo.train.manifest.CheckpointError` naming what is
+    missing or damaged, before anything is loaded."""
+    payloads = _train_states(directory, world_size)
     engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
-    files = sorted(directory.glob("train_state_rank*.pt"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {directory} has no train_state_rank*.pt files")
-    payloads = {path: torch.load(path, weights_only=False) for path in files}
-    own = payloads.get(_state_file(directory, rank), payloads[files[0]])
-    trained = [pair_id for payload in payloads.values() for pair_id in payload["trained"]]
-    if _state_file(directory, rank) in payloads:
-        _restore_rng(own["rng"])
+    own = payloads[rank]
+    trained = [pair_id for payload in payloads for pair_id in payload["trained"]]
+    _restore_rng(own["rng"])
     if strength is not None and own["strength"] is not None:
         strength.load_state_dict(own["strength"])
     if strength_optimizer is not None and own["strength_optimizer"] is not None:
@@ -130,7 +174,21 @@ def load_checkpoint(
     )
 
 
+def checkpoint_to_restore(
+    resume_from: str | None, skipped: tuple[str, ...]
+) -> ray.train.Checkpoint | None:
+    """The checkpoint a worker restores: Ray Train's latest, unless the driver found that one
+    damaged at the start of this run (its name in ``skipped``), then the driver's choice
+    ``resume_from`` (the newest whole checkpoint; None: start afresh)."""
+    latest = ray.train.get_checkpoint()
+    if latest is not None and Path(latest.path.rstrip("/")).name not in skipped:
+        return latest
+    return None if resume_from is None else ray.train.Checkpoint(resume_from)
+
+
 def trained_ids(directory: Path) -> list[str]:
     """The multiset (as a sorted list) of pair ids trained in the checkpoint's current epoch."""
-    files = sorted(directory.glob("train_state_rank*.pt"))
-    return sorted(i for path in files for i in torch.load(path, weights_only=False)["trained"])
+    info = verify_checkpoint(str(directory), checksums="train_state")
+    layout = CheckpointLayout(directory)
+    states = [torch.load(layout.train_state(r), weights_only=True) for r in range(info.world_size)]
+    return sorted(i for state in states for i in state["trained"])

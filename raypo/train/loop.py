@@ -38,7 +38,12 @@ from raypo.models import disable_dropout_in_model, load_policy
 from raypo.objectives import objective
 from raypo.step import ForwardSettings, StepResult, preference_step
 from raypo.train.batches import MicroBatch, lockstep_batches, until_accumulation_boundary
-from raypo.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from raypo.train.checkpoint import (
+    TrainState,
+    checkpoint_to_restore,
+    load_checkpoint,
+    save_checkpoint,
+)
 from raypo.train.deepspeed_config import deepspeed_config, reference_deepspeed_config
 from raypo.train.export import export_policy, export_strength
 from raypo.train.generation_eval import append_generations, run_generation_eval
@@ -327,6 +332,7 @@ def _checkpoint(worker: Worker, metrics: dict[str, float], state: TrainState) ->
             worker.engine,
             state,
             worker.rank,
+            worker.world_size,
             worker.strength,
             worker.strength_optimizer,
         )
@@ -434,13 +440,14 @@ def train_worker(plan: WorkerPlan) -> None:
     """
     worker = build_worker(plan)
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = checkpoint_to_restore(plan.resume_from, plan.skipped_checkpoints)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(
                 Path(directory),
                 worker.engine,
                 worker.rank,
+                worker.world_size,
                 worker.strength,
                 worker.strength_optimizer,
             )

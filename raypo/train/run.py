@@ -5,8 +5,14 @@ reference pass), writes the resolved config to ``RUN_DIR/config.yaml`` and launc
 ``TorchTrainer`` whose workers run :func:`raypo.train.loop.train_worker` on one
 :class:`raypo.train.worker_plan.WorkerPlan`. Ray Train keeps its checkpoints under
 ``trainer.storage_path`` (default ``RUN_DIR/ray``); a run restarted with the same storage path and
-name (``raypo train --resume RUN_DIR``) continues from the latest one, and worker failures restart
-from it automatically up to ``trainer.max_failures`` times.
+name (``raypo train --resume RUN_DIR``) continues from the newest whole one, with the run's own
+settings (:mod:`raypo.train.resume`), and worker failures restart from the latest automatically up
+to ``trainer.max_failures`` times.
+
+One run writes a run directory at a time: :class:`raypo.run_lock.RunLock` is taken before
+anything is written and released on every way out; a local Ray started here is stopped on every
+way out too (:func:`raypo.ray_runtime.local_ray`). Ctrl-C (or SIGTERM to ``raypo train``) ends
+with a message naming the last whole checkpoint and the ``--resume`` command.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import argparse
 import dataclasses
 import logging
 import math
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +36,7 @@ import ray.util
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypo.config import RaypoConfig, config_to_dict, save_config
+from raypo.config import RaypoConfig, config_to_dict, load_config, save_config
 from raypo.console import is_terminal, ray_train_log_level, stage
 from raypo.data.pipeline import apply_row_order, read_split
 from raypo.data.prepare import PreparedRun, prepare
@@ -36,13 +44,23 @@ from raypo.data.validate import DataQualityError
 from raypo.forward import padding_free_layout
 from raypo.models import resolve_model_path
 from raypo.preflight import check_resources, resource_warnings
-from raypo.ray_runtime import init_ray
+from raypo.ray_runtime import local_ray
 from raypo.run_layout import RunLayout
+from raypo.run_lock import RunLock
 from raypo.train.batches import pad_for_equal_split
 from raypo.train.generation_eval import select_prompts
 from raypo.train.loop import train_worker
 from raypo.train.metrics import MetricsLogger, TrackerRun
 from raypo.train.progress import ProgressMonitor, summary_lines
+from raypo.train.resume import (
+    ResumePoint,
+    describe,
+    find_resume_point,
+    last_whole_checkpoint,
+    remove_unregistered,
+    resumed_config,
+    with_resume_point,
+)
 from raypo.train.schedule import total_training_steps
 from raypo.train.worker_plan import StepCallback, WorkerPlan
 
@@ -225,6 +243,46 @@ def _tracker(config: RaypoConfig) -> TrackerRun:
     )
 
 
+def _check_storage_writable(config: RaypoConfig) -> None:
+    """A local ``trainer.storage_path`` that cannot be written fails here, before Ray starts,
+    not in a worker's first checkpoint (the run directory itself is checked by its lock)."""
+    storage = _storage(config)
+    if "://" in storage:
+        return
+    try:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=storage):
+            pass
+    except OSError as error:
+        raise SystemExit(
+            f"raypo train: cannot write the checkpoint storage {storage}: "
+            f"{error.strerror or error}; set a writable --trainer.storage_path"
+        ) from error
+
+
+def _resume_settings(config: RaypoConfig) -> RaypoConfig:
+    """The run's saved settings with the safe changes of ``config`` (:mod:`raypo.train.resume`);
+    ``config`` itself when the run saved none yet (a first attempt given ``--resume``)."""
+    saved = RunLayout(config.run_path).config
+    if not saved.exists():
+        return config
+    return resumed_config(load_config(saved), config, str(saved))
+
+
+def _interrupted(config: RaypoConfig) -> SystemExit:
+    """Ctrl-C's last word: where the run can continue from, and how."""
+    storage = _storage(config)
+    remove_unregistered(storage, config.name)
+    info = last_whole_checkpoint(storage, config.name)
+    where = "no checkpoint yet" if info is None else f"last checkpoint: step {info.step}"
+    print(
+        f"\nraypo train: interrupted ({where}). Continue with:\n"
+        f"  raypo train --resume {config.run_path}",
+        file=sys.stderr,
+    )
+    return SystemExit(130)
+
+
 def train(
     config: RaypoConfig,
     resume: bool = False,
@@ -238,17 +296,41 @@ def train(
     ``prepared``: the stages before training, already run from the same data, model and reference
     settings (a sweep prepares once for all its trials), used instead of preparing again into
     this run's directory; ``step_callbacks`` run on every worker after each optimizer step
-    (:data:`raypo.train.worker_plan.StepCallback`).
+    (:data:`raypo.train.worker_plan.StepCallback`). ``resume``: continue the run in
+    ``config.run_path`` with its saved settings (``config`` may change only the safe ones) from
+    its newest whole checkpoint, or start it when it has none.
     """
     config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
-    _refuse_accidental_resume(config, resume)
-    init_ray()
+    with RunLock(config.run_path):
+        if resume:
+            config = _resume_settings(config)
+        _check_storage_writable(config)
+        _refuse_accidental_resume(config, resume)
+        point = ResumePoint(None)
+        if resume:
+            point = find_resume_point(_storage(config), config.name, config.trainer.num_workers)
+            print(describe(point, str(config.run_path)), flush=True)
+        try:
+            with local_ray():
+                return _fit(config, point, callbacks, prepared, step_callbacks)
+        except KeyboardInterrupt:
+            raise _interrupted(config) from None
+
+
+def _fit(
+    config: RaypoConfig,
+    point: ResumePoint,
+    callbacks: Sequence[ray.train.UserCallback],
+    prepared: PreparedRun | None,
+    step_callbacks: Sequence[StepCallback],
+) -> TrainResult:
+    """Prepare (unless ``prepared``), then run Ray Train from ``point``."""
     _check_cluster(config)
     if prepared is None:
         prepared = prepare(config, command="train")
     config = prepared.configure(config)
     save_config(config, RunLayout(config.run_path).config)
-    plan = _worker_plan(config, prepared, step_callbacks)
+    plan = with_resume_point(_worker_plan(config, prepared, step_callbacks), point)
     datasets = _datasets(config, prepared)
     _print_plan(config, plan, prepared)
     trainer_config = config.trainer
@@ -282,6 +364,16 @@ def train(
     return TrainResult(config.run_path, Path(plan.final_dir), dict(result.metrics or {}))
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends ``raypo train`` as Ctrl-C does: lock released,
+    local Ray stopped, the resume command printed."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(config: RaypoConfig, args: argparse.Namespace) -> int:
     """CLI entry of ``raypo train``."""
     try:
@@ -290,6 +382,7 @@ def main(config: RaypoConfig, args: argparse.Namespace) -> int:
             # `raypo train CONFIG --resume RUN_DIR` continues the run in RUN_DIR whatever the
             # config's run_dir says (a restarted cluster job passes both).
             config = dataclasses.replace(config, run_dir=str(resume_dir))
+        _stop_on_sigterm()
         result = train(config, resume=bool(resume_dir))
     except DataQualityError as error:
         print(f"raypo train: {error}", file=sys.stderr)

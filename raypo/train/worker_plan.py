@@ -61,3 +61,8 @@ class WorkerPlan:
     """File rank 0 appends those completions to; None when there are no prompts."""
     step_callbacks: tuple[StepCallback, ...] = ()
     """Run on every worker after each optimizer step, in order."""
+    resume_from: str | None = None
+    """The checkpoint to restore instead of Ray Train's latest when that one is among
+    ``skipped_checkpoints`` (the newest whole one the driver verified; None: start afresh)."""
+    skipped_checkpoints: tuple[str, ...] = ()
+    """Names (``checkpoint_*``) of the checkpoints the driver found incomplete or damaged."""
