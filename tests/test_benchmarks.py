@@ -15,15 +15,15 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bandit_model  # noqa: E402
 import common  # noqa: E402
 import loss_timing  # noqa: E402
-import mallows_bandit  # noqa: E402
+import mixdpo_estimators  # noqa: E402
 import mixdpo_recovery  # noqa: E402
 import summarize  # noqa: E402
 import tune_overhead  # noqa: E402
 
 from raypo.config import load_config  # noqa: E402
-from raypo.losses import mallows_phi_link  # noqa: E402
 from raypo.objectives import OBJECTIVES  # noqa: E402
 from raypo.tune.results import TrialRow, write_tables  # noqa: E402
 
@@ -43,45 +43,108 @@ def _exact_mallows(phi: float, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("phi", [0.3, 0.8])
-def test_mallows_sampler_matches_enumeration(phi: float) -> None:
-    """Pairwise and top-choice frequencies of 10,000 sampled rankings (K = 5) agree with exact
-    enumeration within 0.02 (4 binomial standard errors at p = 1/2); the exact pairwise
-    probability of items k apart is raypo's g_phi(k) link."""
-    k, n = 5, 10_000
-    rankings = mallows_bandit.sample_mallows(phi, n, k, np.random.default_rng(0))
-    position = np.argsort(rankings, axis=1)
-    sampled = (position[:, :, None] < position[:, None, :]).mean(axis=0)
+def test_bandit_pairwise_and_top_choice_probs_match_enumeration(phi: float) -> None:
+    """raypo's g_phi link at integer distances gives P(a before b) for every pair a < b of K = 5
+    Mallows-ranked items, and phi^a / sum gives P(a first), both as enumerating all 120 rankings
+    does (to rounding); 40,000 sampled comparisons per prompt reproduce the pairwise
+    probabilities within 0.04 (4.5 binomial standard errors at ~890 comparisons per pair)."""
+    k = 5
     exact, first = _exact_mallows(phi, k)
-    np.testing.assert_allclose(sampled, exact, atol=0.02)
-    np.testing.assert_allclose(np.bincount(rankings[:, 0], minlength=k) / n, first, atol=0.02)
-    np.testing.assert_allclose(mallows_bandit.top_choice_probs(np.array([phi]), k)[0], first)
-    w = torch.full((k - 1,), -math.log(phi), dtype=torch.float64)
-    distances = torch.arange(1, k, dtype=torch.float64)
-    link = mallows_phi_link(distances, w).numpy()
-    np.testing.assert_allclose([exact[0, d] for d in range(1, k)], link, rtol=1e-9)
+    np.testing.assert_allclose(bandit_model.pairwise_probs(phi, k).numpy(), exact + np.eye(k) / 2)
+    np.testing.assert_allclose(bandit_model.top_choice_probs(np.array([phi]), k)[0], first)
+    problem = bandit_model.make_problem((phi,), 1, k, 0.29, "uniform")
+    data = bandit_model.sample_comparisons(problem, 40_000, [0], prior=0.0)
+    a, b = bandit_model.pairs(k)
+    sampled = data.wins[0, 0] / (data.wins[0, 0] + data.losses[0, 0])
+    np.testing.assert_allclose(sampled.numpy(), exact[a, b], atol=0.04)
 
 
-def test_bandit_theta_with_constant_weight_is_dpo_at_scaled_beta() -> None:
-    """With one dispersion for every prompt, MallowsPO-theta at beta equals DPO at beta * w:
-    the two losses are the same function, so the whole training trajectory must coincide."""
-    problem = mallows_bandit.make_problem((0.5,), 3, 4, 0.29)
-    data = mallows_bandit.sample_comparisons(problem, 6, np.random.default_rng(1))
-    settings = mallows_bandit.TrainSettings(steps=30, eval_every=10, lr=0.05)
-    w = float(problem.w_true[0])
-    theta = mallows_bandit.train(problem, data, np.array([0.7]), settings, ("theta_true",))
-    dpo = mallows_bandit.train(problem, data, np.array([0.7 * w]), settings, ("dpo",))
-    np.testing.assert_allclose(theta["theta_true"].kl, dpo["dpo"].kl, rtol=1e-6, atol=1e-12)
-    assert theta["theta_true"].kl[-1, 0] > 0.01  # the policy moved away from the reference
+def _bandit(phis: tuple[float, ...], reference: str = "uniform"):
+    problem = bandit_model.make_problem(phis, 4, 5, 0.29, reference)
+    return problem, bandit_model.sample_comparisons(problem, 60, [0, 1], prior=0.5)
 
 
-def test_bandit_frontier_takes_best_reward_within_budget() -> None:
-    """Hand-made points (KL, reward): (0, 50), (0.1, 60), (0.3, 55), (0.5, 80); budgets 0.05,
-    0.2, 1.0 give 50, 60, 80."""
-    kl = np.array([[0.0], [0.1], [0.3], [0.5]])
-    reward = np.array([[50.0], [60.0], [55.0], [80.0]])
-    trajectory = mallows_bandit.Trajectory(kl, reward, reward, reward, kl)
-    result = mallows_bandit.frontier(trajectory, np.array([0.05, 0.2, 1.0]), 0.5)
-    np.testing.assert_array_equal(result["reward"], [50.0, 60.0, 80.0])
+def test_bandit_converged_fit_at_any_beta_is_scores_over_beta() -> None:
+    """The objectives depend on the logits only through beta * h, so S / beta (S fitted at beta 1)
+    is a stationary point of the beta = 2.5 objective: its gradient vanishes (to 1e-6) for DPO
+    and MallowsPO-theta, and the policy at an exact KL budget spends that KL (to 1e-9)."""
+    problem, data = _bandit((0.2, 0.9))
+    for method in ("dpo", "theta_true"):
+        scores, grad = bandit_model.converged_scores(method, problem, data)
+        assert grad < 1e-6
+        logratio = (scores / 2.5).requires_grad_(True)
+        bandit_model.expected_loss(method, logratio, 2.5, problem, data).backward()
+        assert float(logratio.grad.abs().max()) < 1e-6
+        logp = bandit_model.policy_at_kl(problem, scores, 0.3)
+        np.testing.assert_allclose(bandit_model.mean_kl(problem, logp).numpy(), 0.3, atol=1e-9)
+    with pytest.raises(ValueError, match="exceeds"):
+        bandit_model.policy_at_kl(problem, scores, 5.0)  # above ln 5, the most any policy spends
+
+
+def test_bandit_theta_with_one_dispersion_is_dpo_at_equal_kl() -> None:
+    """With one dispersion for every prompt MallowsPO-theta's scores are DPO's divided by w, so at
+    the same KL budget the two policies coincide; with two dispersions they differ."""
+    problem, data = _bandit((0.5,))
+    dpo, _ = bandit_model.converged_scores("dpo", problem, data)
+    theta, _ = bandit_model.converged_scores("theta_true", problem, data)
+    np.testing.assert_allclose(theta.numpy(), dpo.numpy() / problem.w_true[0].item(), atol=1e-4)
+    same = [bandit_model.policy_at_kl(problem, s, 0.2) for s in (dpo, theta)]
+    np.testing.assert_allclose(same[0].numpy(), same[1].numpy(), atol=1e-5)
+    problem, data = _bandit((0.2, 0.9))
+    policies = [
+        bandit_model.policy_at_kl(problem, bandit_model.converged_scores(m, problem, data)[0], 0.2)
+        for m in ("dpo", "theta_true")
+    ]
+    assert float((policies[0] - policies[1]).abs().max()) > 0.1
+
+
+def test_bandit_metrics_by_hand() -> None:
+    """Uniform reference, K = 5: the uniform policy scores U_rank 50, win rate 50 and KL 0; always
+    playing the consensus best scores U_rank 100, KL ln 5 and win rate 100 * mean_b P(0 beats b)
+    (P(0 beats 0) = 1/2)."""
+    problem = bandit_model.make_problem((0.4,), 1, 5, 0.29, "uniform")
+    uniform = bandit_model.metrics(problem, problem.ref_logp)
+    assert uniform["u_rank"] == pytest.approx(50.0)
+    assert uniform["win_rate"] == pytest.approx(50.0)
+    assert uniform["kl"] == pytest.approx(0.0, abs=1e-12)
+    best = torch.log(torch.tensor([[1.0, 1e-300, 1e-300, 1e-300, 1e-300]], dtype=torch.float64))
+    result = bandit_model.metrics(problem, best)
+    assert result["u_rank"] == pytest.approx(100.0)
+    assert result["kl"] == pytest.approx(math.log(5))
+    p_best = bandit_model.pairwise_probs(0.4, 5)[0].numpy()
+    assert result["win_rate"] == pytest.approx(100 * p_best.mean())
+
+
+def test_bandit_adam_frontier_respects_the_budget() -> None:
+    """The oracle checkpoint under each budget spends at most that KL, and a larger budget never
+    gives a lower U_rank (its candidates include the smaller budget's)."""
+    problem, data = _bandit((0.2, 0.9), "top_choice")
+    settings = bandit_model.AdamSettings((0.1, 1.0), lr=0.05, steps=40, eval_every=10)
+    result = bandit_model.adam_frontier("theta_true", problem, data, settings, [0.01, 0.05, 1.0])
+    assert np.all(result["kl"] <= np.array([[0.01], [0.05], [1.0]]))
+    assert np.all(np.diff(result["u_rank"], axis=0) >= 0)
+    assert result["u_rank"][-1].min() > result["u_rank"][0].min()
+
+
+@pytest.mark.filterwarnings("ignore:MixDPO Monte Carlo estimator is biased")
+def test_mixdpo_mc_bias_is_zero_at_a_tie_and_shrinks_with_k() -> None:
+    """At h = 0 every draw gives sigma(0) = 1/2 and the loss ln 2 exactly (bias 0); at h = -10 the
+    Monte Carlo loss overestimates (lognormal CV 1.5), less with 64 samples than with 8."""
+    small = mixdpo_estimators.loss_bias("lognormal", 1.0, 1.5, [-10.0, 0.0], 8, 400, 0)
+    large = mixdpo_estimators.loss_bias("lognormal", 1.0, 1.5, [-10.0, 0.0], 64, 400, 0)
+    assert small["bias"][1] == 0.0 and large["bias"][1] == 0.0
+    assert small["bias"][0] > 3 * small["se"][0]
+    assert small["bias"][0] > large["bias"][0] + 2 * (small["se"][0] + large["se"][0])
+
+
+@pytest.mark.parametrize("family", ["lognormal", "gamma"])
+def test_mixdpo_estimator_strengths_have_requested_mean_and_cv(family: str) -> None:
+    """200,000 strengths of each family: mean within 0.02 of 1.0 and CV within 0.05 of 0.5."""
+    beta = mixdpo_estimators.sample_strengths(
+        family, 1.0, 0.5, 200_000, torch.Generator().manual_seed(0)
+    )
+    assert float(beta.mean()) == pytest.approx(1.0, abs=0.02)
+    assert float(beta.std() / beta.mean()) == pytest.approx(0.5, abs=0.05)
 
 
 @pytest.mark.parametrize("cv", [0.0, 0.5, 1.5])
