@@ -49,7 +49,6 @@ from raypo.run_layout import RunLayout
 from raypo.run_lock import RunLock
 from raypo.train.batches import pad_for_equal_split
 from raypo.train.generation_eval import select_prompts
-from raypo.train.loop import train_worker
 from raypo.train.metrics import MetricsLogger, TrackerRun
 from raypo.train.progress import ProgressMonitor, summary_lines
 from raypo.train.resume import (
@@ -337,6 +336,10 @@ def _fit(
     resources = {"CPU": trainer_config.cpus_per_worker}
     if trainer_config.use_gpu:
         resources["GPU"] = 1
+    # Imported here: only the workers run DeepSpeed; the driver importing it would cost seconds
+    # and print DeepSpeed's accelerator notice before a config or resource error.
+    from raypo.train.loop import train_worker
+
     trainer = TorchTrainer(
         partial(train_worker, plan),
         scaling_config=ScalingConfig(
