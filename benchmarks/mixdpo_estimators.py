@@ -142,11 +142,13 @@ def run_bias(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _fits_for(family: str) -> list[tuple[str, int | None]]:
+def _fits_for(family: str, args: argparse.Namespace) -> list[tuple[str, int | None]]:
     """(fit family, samples) run on data of ``family``: every estimator of the same family, and
-    the other family's deterministic estimator (the family dependence of the learned CV)."""
+    with ``--cross-family`` the other family's deterministic estimator (the learned CV is
+    family-specific)."""
     other = next(f for f in FAMILIES if f != family)
-    return [(family, None)] + [(family, k) for k in ESTIMATOR_SAMPLES] + [(other, None)]
+    cross = [(other, None)] if args.cross_family else []
+    return [(family, None)] + [(family, k) for k in args.mc_samples] + cross
 
 
 def run_fits(args: argparse.Namespace) -> list[dict]:
@@ -164,7 +166,7 @@ def run_fits(args: argparse.Namespace) -> list[dict]:
                 won = torch.rand(args.est_pairs, generator=generator, dtype=torch.float64)
                 margins = torch.where(won < torch.sigmoid(beta * delta), delta, -delta)
                 truth = exact_mean_loss(margins, family, args.mean, cv)
-                for fit_family, samples in _fits_for(family):
+                for fit_family, samples in _fits_for(family, args):
                     for start in args.starts:
                         fit = fit_dispersion(
                             margins, fit_family, args.mean, start, samples, settings, seed
@@ -193,9 +195,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--bias-repeats", type=int, default=2000, help="MC draws per margin")
     group.add_argument("--est-seeds", type=int, default=3)
-    group.add_argument("--est-pairs", type=int, default=3000)
+    group.add_argument("--est-pairs", type=int, default=1500)
     group.add_argument("--starts", type=float, nargs="+", default=[0.25, 3.0], help="start CVs")
-    group.add_argument("--est-steps", type=int, default=150, help="Adam steps per fit")
+    group.add_argument("--est-steps", type=int, default=100, help="Adam steps per fit")
+    group.add_argument(
+        "--cross-family", action="store_true", help="also fit the other family (deterministic)"
+    )
     group.add_argument("--est-lr", type=float, default=0.5)
 
 
@@ -274,7 +279,7 @@ def findings(bias: list[dict], fits: list[dict], args: argparse.Namespace) -> li
     for family in FAMILIES:
         for cv in args.est_cvs:
             parts = []
-            for fit_family, samples in _fits_for(family):
+            for fit_family, samples in _fits_for(family, args):
                 fit = f"{fit_family}, {estimator_label(fit_family, samples)}"
                 values = [
                     np.mean([r["learned_cv"] for r in groups[(family, cv, fit, s)]])
