@@ -56,9 +56,13 @@ class PreparedRun:
         return self.data.split_path(split)
 
 
-def prepare(config: RaypoConfig, command: str = "prepare") -> PreparedRun:
+def prepare(
+    config: RaypoConfig, command: str = "prepare", reference_pass: bool = True
+) -> PreparedRun:
     """Run every stage before training for ``config`` on the current Ray cluster (started if
-    needed), printing one line per stage as ``raypo COMMAND: ...``; see the module docstring."""
+    needed), printing one line per stage as ``raypo COMMAND: ...``; see the module docstring.
+    ``reference_pass`` False skips the precomputed reference pass (``raypo sft`` has no
+    reference)."""
     init_ray()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -72,7 +76,7 @@ def prepare(config: RaypoConfig, command: str = "prepare") -> PreparedRun:
         seconds["tiny_fit"] = time.perf_counter() - started
         stage(command, tiny_fit_line(fitted_model, seconds["tiny_fit"]))
     reference = None
-    if config.reference.mode == "precomputed":
+    if reference_pass and config.reference.mode == "precomputed":
         started = time.perf_counter()
         with data_progress_bars(is_terminal()):
             reference = run_reference_pass(_with_model(config, fitted_model), data)

@@ -253,6 +253,11 @@ def micro_batch_step(worker: Worker, micro: MicroBatch) -> StepResult:
     )
 
 
+def run_micro_step(worker: Worker, micro: MicroBatch) -> StepResult:
+    """The plan's step on one micro-batch (``raypo sft``'s), else :func:`micro_batch_step`."""
+    return (worker.plan.micro_step or micro_batch_step)(worker, micro)
+
+
 def step_strength(worker: Worker) -> None:
     """Average the (replicated, un-engined) strength gradients over workers, then step them."""
     if worker.strength is None:
@@ -291,7 +296,7 @@ def _pair_eval(worker: Worker) -> dict[str, float]:
     worker.engine.module.eval()
     for micro in lockstep_batches(batches, consumed=set()):
         with torch.no_grad():
-            result = micro_batch_step(worker, micro)
+            result = run_micro_step(worker, micro)
         if micro.real:
             sums.add(result.metrics, len(micro.rows["id"]), result.tokens)
     worker.engine.module.train()
@@ -396,7 +401,7 @@ def _train_epoch(
     )
     step_pairs = 0
     for micro in micro_batches:
-        result = micro_batch_step(worker, micro)
+        result = run_micro_step(worker, micro)
         boundary = worker.engine.is_gradient_accumulation_boundary()
         worker.engine.backward(result.loss if micro.real else result.loss * 0.0)
         if micro.real:

@@ -61,7 +61,7 @@ from raypo.train.resume import (
     with_resume_point,
 )
 from raypo.train.schedule import total_training_steps
-from raypo.train.worker_plan import StepCallback, WorkerPlan
+from raypo.train.worker_plan import PREFERENCE, Recipe, StepCallback, WorkerPlan
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,10 @@ def _datasets(config: RaypoConfig, prepared: PreparedRun) -> dict[str, ray.data.
 
 
 def _worker_plan(
-    config: RaypoConfig, prepared: PreparedRun, step_callbacks: Sequence[StepCallback]
+    config: RaypoConfig,
+    prepared: PreparedRun,
+    step_callbacks: Sequence[StepCallback],
+    recipe: Recipe,
 ) -> WorkerPlan:
     counts, trainer = prepared.data.split_counts, config.trainer
     return WorkerPlan(
@@ -202,6 +205,7 @@ def _worker_plan(
         final_dir=str(RunLayout(config.run_path).final),
         has_eval=counts["eval"] > 0,
         step_callbacks=tuple(step_callbacks),
+        micro_step=recipe.micro_step,
         **_generation_eval_inputs(config, prepared.split_path("eval"), counts["eval"]),
     )
 
@@ -288,6 +292,7 @@ def train(
     callbacks: Sequence[ray.train.UserCallback] = (),
     prepared: PreparedRun | None = None,
     step_callbacks: Sequence[StepCallback] = (),
+    recipe: Recipe = PREFERENCE,
 ) -> TrainResult:
     """Run the whole training job described by ``config`` (see the module docstring).
 
@@ -297,7 +302,8 @@ def train(
     this run's directory; ``step_callbacks`` run on every worker after each optimizer step
     (:data:`raypo.train.worker_plan.StepCallback`). ``resume``: continue the run in
     ``config.run_path`` with its saved settings (``config`` may change only the safe ones) from
-    its newest whole checkpoint, or start it when it has none.
+    its newest whole checkpoint, or start it when it has none. ``recipe``: the step the
+    workers run (``raypo sft`` passes its own).
     """
     config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
     with RunLock(config.run_path):
@@ -311,7 +317,7 @@ def train(
             print(describe(point, str(config.run_path)), flush=True)
         try:
             with local_ray():
-                return _fit(config, point, callbacks, prepared, step_callbacks)
+                return _fit(config, point, callbacks, prepared, step_callbacks, recipe)
         except KeyboardInterrupt:
             raise _interrupted(config) from None
 
@@ -322,14 +328,15 @@ def _fit(
     callbacks: Sequence[ray.train.UserCallback],
     prepared: PreparedRun | None,
     step_callbacks: Sequence[StepCallback],
+    recipe: Recipe,
 ) -> TrainResult:
     """Prepare (unless ``prepared``), then run Ray Train from ``point``."""
     _check_cluster(config)
     if prepared is None:
-        prepared = prepare(config, command="train")
+        prepared = prepare(config, recipe.command, reference_pass=recipe.uses_reference)
     config = prepared.configure(config)
     save_config(config, RunLayout(config.run_path).config)
-    plan = with_resume_point(_worker_plan(config, prepared, step_callbacks), point)
+    plan = with_resume_point(_worker_plan(config, prepared, step_callbacks, recipe), point)
     datasets = _datasets(config, prepared)
     _print_plan(config, plan, prepared)
     trainer_config = config.trainer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from raypo.config import RaypoConfig
 from raypo.train.generation_eval import GenerationPrompt
@@ -32,6 +33,25 @@ StepCallback = Callable[[StepEvent], None]
 """Called on every worker after each optimizer step: instrumentation a user or a test installs
 (a profiler's marker, a fault injected to test recovery). It must be picklable: Ray ships it to
 the workers."""
+
+
+MicroStep = Callable[[Any, Any], Any]
+"""A worker's step on one micro-batch: ``(Worker, MicroBatch) -> StepResult``
+(:mod:`raypo.train.loop`), e.g. ``raypo sft``'s :func:`raypo.sft.loop.sft_micro_step`. It must be
+picklable (a module-level function): Ray ships it to the workers."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training command runs on the shared driver and worker loop: ``raypo train``'s
+    preference step (the default) or another (``raypo sft``)."""
+
+    command: str = "train"
+    """The command's name in its stage lines (``raypo COMMAND: ...``)."""
+    micro_step: MicroStep | None = None
+    """The workers' step (:attr:`WorkerPlan.micro_step`); None = the preference step."""
+    uses_reference: bool = True
+    """Whether the step reads reference values; False skips the precomputed reference pass."""
 
 
 @dataclass(frozen=True)
@@ -66,3 +86,10 @@ class WorkerPlan:
     ``skipped_checkpoints`` (the newest whole one the driver verified; None: start afresh)."""
     skipped_checkpoints: tuple[str, ...] = ()
     """Names (``checkpoint_*``) of the checkpoints the driver found incomplete or damaged."""
+    micro_step: MicroStep | None = None
+    """The step of every training and held-out micro-batch; None = the preference step
+    (:func:`raypo.train.loop.micro_batch_step`)."""
+
+
+PREFERENCE = Recipe()
+"""``raypo train``'s recipe: the preference step, with the reference."""
