@@ -52,9 +52,10 @@ def _vllm_import_error() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def vllm_available() -> None:
-    """Skip (or, with RAYPO_REQUIRE_VLLM=1, fail) every test here when vLLM cannot be imported."""
+    """Skip (or, with RAYPO_REQUIRE_VLLM=1, fail) every test here when vLLM cannot be imported;
+    session-scoped so that it runs before the session's Ray starts."""
     error = _vllm_import_error()
     if error is None:
         return
