@@ -35,16 +35,20 @@ def init_ray() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     started = not address
-    # Ray's own INFO lines (the dashboard's address, ...) only with --verbose (raypo.console).
-    level = logging.INFO if verbose() else logging.WARNING
+    # Ray's own INFO lines (the dashboard's address, ...) and what its processes print (workers'
+    # report lines and library notices, the raylet's warnings) only with --verbose
+    # (raypo.console); they stay in the session's logs. Failures still reach the driver as
+    # exceptions with the worker's traceback.
+    quiet = {"logging_level": logging.INFO if verbose() else logging.WARNING}
+    quiet["log_to_driver"] = verbose()
     if address:
-        ray.init(address=address, logging_level=level)
+        ray.init(address=address, **quiet)
     else:
         # Ray Train's controller takes a worker's report when it polls, every this many seconds
         # (2 by default), and a worker's next report waits until it has: with logging_steps 1 a
         # fast step would take 2 s. The local cluster's processes inherit this environment.
         os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_SECONDS)
-        ray.init(include_dashboard=True, logging_level=level)
+        ray.init(include_dashboard=True, **quiet)
     logger.info("ray: %s", ray.cluster_resources())
     return started
 
