@@ -88,12 +88,12 @@ def test_lora_killed_worker_restarts_from_checkpoint_without_losing_or_repeating
 ) -> None:
     """As the full fine-tuning test in tests/test_train_e2e.py, under ZeRO-2 with adapters, for
     three epochs of 47 pairs (6 steps each): the last rank dies at step 16, in the third epoch
-    after the step-15 checkpoint; the engine checkpoint restores the adapters and their
-    optimizer, the third epoch trains each pair once, and the run ends trained and exported as
-    an uninterrupted one."""
+    after its one mid-epoch checkpoint (step 15); the engine checkpoint restores the adapters
+    and their optimizer, the third epoch trains each pair once (the run's last checkpoint), and
+    the run ends trained and exported as an uninterrupted one."""
     ship_by_value()
     config = _epoch_config(
-        tmp_path / "run", *LORA_DPO, "--trainer.save_steps=3", "--trainer.max_failures=1"
+        tmp_path / "run", *LORA_DPO, "--trainer.save_steps=15", "--trainer.max_failures=1"
     )
     result = train(config, step_callbacks=[KillOnce(16, str(config.run_path))])
     assert (result.run_path / MARKER).exists()
