@@ -37,6 +37,7 @@ from raypo.trl_names import TRL_FIELDS
 COMMANDS: dict[str, str] = {
     "prepare": "raypo.data.prepare:main",
     "train": "raypo.train.run:main",
+    "sft": "raypo.sft.run:main",
     "eval": "raypo.eval.run:main",
     "tune": "raypo.tune.run:main",
     "report": "raypo.eval.report:main",
@@ -74,6 +75,13 @@ _DESCRIPTIONS = {
         f"the resolved config, {_RUN.metrics.name}, checkpoints and the final HF-format policy "
         f"({_RUN.final}) under RUN_DIR.",
     ),
+    "sft": (
+        "supervised fine-tuning on the completions (before raypo train)",
+        "Fine-tune model.name_or_path on the prompt + chosen completion of each row of data.path "
+        "with the completion-only next-token loss, on the same Ray Train + DeepSpeed workers, "
+        f"trainer settings and run directory as raypo train. Its {_RUN.final} is a model for "
+        "raypo train's model.name_or_path and reference.model_name_or_path.",
+    ),
     "eval": (
         "sample from a policy, score it and write the report",
         "Sample completions for held-out prompts from a policy (eval.policy, default "
@@ -97,6 +105,7 @@ _RESUME_HELP = {
     "train": "continue the run in RUN_DIR from its newest whole checkpoint, with the run's own "
     f"settings ({_RUN.config}); a CONFIG or flags given with it may change only logging, "
     "checkpoint cadence, evaluation and storage",
+    "sft": "continue the SFT run in RUN_DIR from its newest whole checkpoint, as train does",
     "tune": f"continue the sweep in RUN_DIR (CONFIG defaults to {_RUN.config})",
 }
 
@@ -169,13 +178,13 @@ def _aliases(args: argparse.Namespace) -> list[str]:
 def _run_external(args: argparse.Namespace, overrides: list[str]) -> int:
     """Load and validate the config, then call the command's implementation."""
     config_file = _config_file(args, overrides)
-    if config_file is None and args.command in ("train", "tune"):
+    if config_file is None and args.command in ("train", "sft", "tune"):
         args.parser.error(f"{args.command} needs CONFIG (or --resume RUN_DIR)")
     config = load_config(config_file, overrides + _aliases(args))
-    if args.command in ("prepare", "train", "tune"):
+    if args.command in ("prepare", "train", "sft", "tune"):
         check_inputs(config, model_named(config_file, overrides))
     configure_console(args.verbose, config.trainer.use_gpu)
-    if args.command == "train":
+    if args.command in ("train", "sft"):
         # Answered before torch and Ray are imported: a second run is refused within seconds.
         refuse_if_locked(Path(getattr(args, "resume", None) or config.run_path))
     # Imported only now: a bad config is reported before torch and Ray are imported.
@@ -288,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             optional = name in ("prepare", "eval")
             _add_config_arguments(sub, "optional" if optional else "required unless --resume")
-        if name in ("train", "tune"):
+        if name in ("train", "sft", "tune"):
             sub.add_argument(
                 "--resume",
                 metavar="RUN_DIR",
