@@ -351,3 +351,12 @@ def test_search_expressions_parse_to_function_and_arguments() -> None:
     )
     with pytest.raises(ValueError, match="takes two integers"):
         parse_search_expression("randint(1, 8.5)")
+
+
+def test_the_readme_lists_every_trl_name_raypo_answers() -> None:
+    from raypo.trl_names import TRL_FIELDS, TRL_LOSS_TYPES
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in TRL_FIELDS if f"| `{name}` |" not in readme]
+    assert missing == []
+    assert all(f"`{trl}` -> `{ours}`" in readme for trl, ours in TRL_LOSS_TYPES.items())
