@@ -1,9 +1,5 @@
 """Fault injection for the recovery tests, installed only by tests: a step callback
 (:data:`raypo.train.worker_plan.StepCallback`) that kills a Ray Train worker process once.
-
-Also a command, ``python tests/faults.py CONFIG FAULT_AT_STEP``: ``raypo tune CONFIG`` with that
-callback on every trial's workers, exiting 1 when a trial failed or did not finish, as
-``raypo tune`` does.
 """
 
 from __future__ import annotations
@@ -74,17 +70,3 @@ class SecondRun:
 def ship_by_value() -> None:
     """Ray workers cannot import the tests: pickle this module's callback by value."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def _sweep_with_fault(config_path: str, fault_at: int) -> int:
-    from raypo.config import load_config
-    from raypo.tune.run import run_sweep
-
-    config = load_config(config_path)
-    result = run_sweep(config, step_callbacks=(KillOnce(fault_at, str(config.run_path)),))
-    print(result.table)
-    return 1 if result.failed or result.unfinished else 0
-
-
-if __name__ == "__main__":
-    sys.exit(_sweep_with_fault(sys.argv[1], int(sys.argv[2])))

@@ -1,20 +1,18 @@
-"""``raypo tune``: search-space translation, trial configs, result tables, and real sweeps of the
-tiny model on Ray Tune + Ray Train V2 (an ASHA sweep with a failed trial, then resumed, in
-subprocesses)."""
+"""``raypo tune``: search-space translation, trial configs, result tables, and a real sweep of the
+tiny model on Ray Tune + Ray Train V2 (an ASHA sweep with a failed trial, then resumed)."""
 
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from faults import KillOnce, ship_by_value
 from ray import tune
 
+from raypo import cli
 from raypo.config import ConfigError, load_config
 from raypo.run_layout import RunLayout
 from raypo.train.metrics import read_metrics
@@ -22,9 +20,11 @@ from raypo.tune.results import TrialRow, best_trial
 from raypo.tune.run import run_sweep
 from raypo.tune.space import apply_params, search_domains
 
+TINY_FIT_STEPS = 2
+"""Enough for a fitted model that the trials must share, not fit again."""
 TINY_SWEEP = {
     "name": "tiny-sweep",
-    "model": {"tiny_fit_steps": 20},
+    "model": {"tiny_fit_steps": TINY_FIT_STEPS},
     "data": {
         "schema": "hh",
         "max_rows": 48,
@@ -112,30 +112,22 @@ def test_best_trial_prefers_trials_that_trained_to_the_end() -> None:
     assert best_trial([row("c", "error", None)]) is None
 
 
-def _tune_command(*args: str, fault_at: int | None = None) -> subprocess.CompletedProcess:
-    """``raypo tune`` in its own process, which starts its own local Ray; with ``fault_at``, the
-    same sweep with a worker killed at that step (tests/faults.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "raypo", "tune", *args]
-    if fault_at is not None:
-        command = [sys.executable, str(Path(__file__).parent / "faults.py"), *args, str(fault_at)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-
-
 @pytest.mark.slow
 def test_asha_sweep_shares_preparation_reports_a_failed_trial_then_resumes(
-    raypo_cache, tmp_path: Path
+    ray_session, tmp_path: Path
 ) -> None:
-    """One sweep, in subprocesses as a user runs it: two ASHA trials of 2 and 6 steps on one
-    prepared data set, tiny fit and reference pass; a worker dies at step 4, so only the second
-    trial fails; it is reported, then ``--resume`` continues it from its step-4 checkpoint."""
+    """One sweep on the session's Ray: two ASHA trials of 2 and 6 steps on one prepared data
+    set, tiny fit and reference pass; a worker dies at step 4 (tests/faults.py), so only the
+    second trial fails; it is reported, then ``raypo tune --resume`` (the command's entry,
+    in this process) continues it from its step-4 checkpoint."""
+    ship_by_value()
     space = {"trainer.max_steps": "choice([2, 6])", "loss.beta": "choice([0.3])"}
     # grace_period 3 = every report of a 6-step trial: ASHA must not stop the trial meant to fail.
     tune_section = {"search_space": space, "search_alg": "grid", "num_samples": 1}
     path = _write_sweep(tmp_path, {**tune_section, "scheduler": "asha", "grace_period": 3})
     sweep = tmp_path / "sweep"
-    first = _tune_command(str(path), fault_at=4)
-    assert first.returncode == 1, first.stderr[-3000:]
+    first = run_sweep(load_config(path), step_callbacks=(KillOnce(4, str(sweep)),))
+    assert (first.failed, first.unfinished) == (1, 0), first.table
     with (sweep / "trials.csv").open(encoding="utf-8") as handle:
         rows = {r["trainer.max_steps"]: r for r in csv.DictReader(handle)}
     assert rows["2"]["status"] == "completed" and rows["2"]["error"] == ""
@@ -143,8 +135,7 @@ def test_asha_sweep_shares_preparation_reports_a_failed_trial_then_resumes(
     done_dir = RunLayout(sweep).trial(rows["2"]["trial"]).root
     done_stamp = (done_dir / "metrics.jsonl").stat().st_mtime_ns
 
-    second = _tune_command("--resume", str(sweep))
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert cli.main(["tune", "--resume", str(sweep)]) == 0
     with (sweep / "trials.csv").open(encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     rows = {r["trainer.max_steps"]: r for r in table}
@@ -164,6 +155,6 @@ def test_asha_sweep_shares_preparation_reports_a_failed_trial_then_resumes(
     assert set(space) <= set(table[0])
     best = load_config(sweep / "best_config.yaml")
     assert best.trainer.max_steps == int(table[0]["trainer.max_steps"])
-    assert best.model.tiny_fit_steps == 20 and best.tune.search_space == {}
+    assert best.model.tiny_fit_steps == TINY_FIT_STEPS and best.tune.search_space == {}
     assert best.run_dir == f"{sweep}-best"
     assert (sweep / "metric_vs_beta.png").read_bytes()[:4] == b"\x89PNG"
