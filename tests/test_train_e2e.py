@@ -223,7 +223,9 @@ def test_killed_worker_restarts_from_checkpoint_without_losing_or_repeating_pair
 def _corrupt_the_two_newest(run_path: Path, name: str) -> list[str]:
     """The newest checkpoint loses rank 1's train state, the one before gets its rank-1
     optimizer shard cut short (a full disk); returns their names, newest first."""
-    directories = sorted(p for p in (RunLayout(run_path).ray / name).glob("checkpoint_*"))
+    directories = sorted(
+        p for p in (RunLayout(run_path).ray / name).glob("checkpoint_*") if p.is_dir()
+    )
     assert len(directories) == 3, directories  # trainer.save_total_limit
     newest, before = directories[-1], directories[-2]
     (newest / "train_state_rank1.pt").unlink()

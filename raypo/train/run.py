@@ -24,6 +24,7 @@ import math
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -370,8 +371,30 @@ def _fit(
     )
     metrics_path = RunLayout(config.run_path).metrics
     with ProgressMonitor(metrics_path, plan.total_steps, live=is_terminal()):
-        result = trainer.fit()
+        result = _fit_interruptibly(trainer)
     return TrainResult(config.run_path, Path(plan.final_dir), dict(result.metrics or {}))
+
+
+def _fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()`` in a helper thread, so that Ctrl-C reaches this thread as
+    ``KeyboardInterrupt`` and :func:`train` answers it. On the main thread Ray Train installs its
+    own SIGINT handler, which ends the process with status 1 and no word of where the run
+    stopped, and stays installed after the run."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the caller's thread as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="raypo-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _stop_on_sigterm() -> None:
