@@ -211,7 +211,7 @@ def _worker_plan(
     )
 
 
-def _print_plan(config: RaypoConfig, plan: WorkerPlan, prepared: PreparedRun) -> None:
+def _print_plan(config: RaypoConfig, plan: WorkerPlan, prepared: PreparedRun, command: str) -> None:
     """The training stage's line: pairs, steps, batch, epochs, workers and forward layout."""
     counts, trainer = prepared.data.split_counts, config.trainer
     layout = padding_free_layout(
@@ -221,7 +221,7 @@ def _print_plan(config: RaypoConfig, plan: WorkerPlan, prepared: PreparedRun) ->
     per_step *= trainer.gradient_accumulation_steps
     epochs = plan.total_steps * per_step / max(1, counts["train"])
     stage(
-        "train",
+        command,
         f"plan: {counts['train']} training pairs, {counts['eval']} held out; "
         f"{plan.total_steps} steps of {per_step} pairs ({trainer.num_workers} workers x "
         f"{trainer.per_device_batch_size} x {trainer.gradient_accumulation_steps} accumulated), "
@@ -339,7 +339,7 @@ def _fit(
     save_config(config, RunLayout(config.run_path).config)
     plan = with_resume_point(_worker_plan(config, prepared, step_callbacks, recipe), point)
     datasets = _datasets(config, prepared)
-    _print_plan(config, plan, prepared)
+    _print_plan(config, plan, prepared, recipe.command)
     trainer_config = config.trainer
     resources = {"CPU": trainer_config.cpus_per_worker}
     if trainer_config.use_gpu:
