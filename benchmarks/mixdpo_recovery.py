@@ -21,6 +21,9 @@ Gauss-Hermite quadrature, trained with L-BFGS on the full training set):
 Held-out metrics on fresh pairs (unoriented, label = which of ``a, b`` won): accuracy, log-loss
 and expected calibration error (10 equal-width bins of the predicted ``P(a > b)``). MixDPO
 predicts ``E[sigma(beta h)]`` by quadrature; "true model" uses the data-generating distribution.
+
+``--estimators`` runs the estimator study of ``mixdpo_estimators.py`` instead and writes
+``results/mixdpo_recovery_estimators.*``.
 """
 
 from __future__ import annotations
