@@ -336,8 +336,8 @@ def test_a_gpu_asked_of_a_cpu_only_ray_fails_before_any_work(
 
 
 _OWN_LINE = re.compile(
-    r"^(raypo (train|prepare): |step \d+/\d+ |held-out |  \w|run directory: |"
-    r"metrics: |final policy: )"
+    r"^(raypo (train|prepare): |step \d+/\d+ |held-out |  (likelihood|implicit-reward) accuracy|"
+    r"run directory: |metrics: |final policy: )"
 )
 """raypo's own console lines (stage lines, progress, held-out lines, the summary)."""
 
