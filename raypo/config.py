@@ -271,8 +271,10 @@ class EvalConfig(Section):
     """What the policy is compared with: ``reference`` (the reference model) or an HF-format
     directory / hub id (e.g. another run's ``final/``)."""
     backend: Literal["auto", "vllm", "hf"] = "auto"
-    """Sampler: ``vllm`` actors or ``hf`` = transformers ``generate``; ``auto`` = vllm when
-    importable, else hf (the choice is logged)."""
+    """Sampler: ``vllm`` actors or ``hf`` = transformers ``generate``; ``auto`` = vllm on GPU
+    clusters and, on CPU, for policies of at least ``raypo.eval.sampling.CPU_VLLM_MIN_PARAMETERS``
+    parameters (where vLLM-CPU was measured faster), else hf; hf wherever vllm is not installed
+    (the choice and its reason are logged)."""
     num_prompts: int | None = bounded(100, ">= 1")
     """Held-out prompts to sample completions for; null = all."""
     temperature: float = bounded(1.0, ">= 0")
