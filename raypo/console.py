@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 VERBOSE_ENV = "RAYPO_VERBOSE"
@@ -48,9 +47,6 @@ def configure(verbose: bool, use_gpu: bool) -> None:
         quiet["DS_ACCELERATOR"] = "cpu"
     for name, value in quiet.items():
         os.environ.setdefault(name, value)
-    # Ray's deprecation notices about its own internals (raised inside Ray Data and Ray Train,
-    # not by raypo's calls) are not the user's to act on.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
 
 
 def verbose() -> bool:

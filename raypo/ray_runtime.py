@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +32,11 @@ def init_ray() -> bool:
     with their own resources first. Returns whether it started a local Ray (which its caller
     then stops: :func:`local_ray`).
     """
+    if not verbose():
+        # Ray's deprecation notices about its own internals (raised inside Ray Data and Ray
+        # Train, not by raypo's calls) are not the user's to act on. Importing Ray puts its own
+        # filter for them first, so this one goes in front of it here.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
