@@ -659,7 +659,7 @@ def trained_pair_ids(run_dir: Path) -> list[str]:
     states = sorted(run_dir.glob("ray/*/checkpoint_*/train_state_rank0.pt"))
     if not states:
         raise RuntimeError(f"{run_dir}: no checkpoint train state")
-    return torch.load(states[-1], weights_only=False)["trained"]
+    return torch.load(states[-1], weights_only=True)["trained"]
 
 
 def run_raypo_train(
