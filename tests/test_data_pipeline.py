@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,8 @@ def test_prepare_command_line(ray_session, hh_jsonl: Path, tmp_path: Path) -> No
             "prepare",
             f"--run_dir={tmp_path / 'cli'}",
             f"--data.path={small}",
+            # The user's own data: the tiny model must be asked for by name.
+            "--model.name_or_path=tiny",
             "--data.max_length=128",
             "--data.max_prompt_length=96",
             "--data.num_cpus_per_op=0.5",
@@ -232,6 +235,7 @@ def test_prepare_command_line(ray_session, hh_jsonl: Path, tmp_path: Path) -> No
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rejects.jsonl" in result.stdout and "reference pass computed" in result.stdout
+    assert "rejects.jsonl" in result.stdout
+    assert re.search(r"raypo prepare: reference pass: \d+ pairs computed", result.stdout)
     # 40 rows in the file, data.max_rows = 30.
     assert json.loads((tmp_path / "cli" / "data_summary.json").read_text())["total"] == 30
