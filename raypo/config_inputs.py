@@ -63,8 +63,23 @@ class LoraConfig(Section):
     and vLLM), with the adapter in ``final/adapter/``. false = ``final/`` is the adapter alone
     (PEFT format and tokenizer: megabytes instead of the whole model), which raypo (``raypo
     eval`` with ``eval.backend: hf``) and ``PeftModel.from_pretrained`` load onto its base."""
+    load_in_4bit: bool = False
+    """QLoRA (Dettmers et al. 2023): load the base weights in 4 bits with bitsandbytes (NF4 with
+    double quantisation, computing in ``model.dtype``; Llama-3-8B's base takes 5.7 GB of GPU
+    memory instead of 16) and train the adapters on them in ``model.dtype``. Needs CUDA GPUs
+    (``trainer.use_gpu``), ``trainer.zero_stage`` 0-2 and ``pip install 'raypo[qlora]'``. The
+    reference is loaded the same way, so that it is the model training starts from: the online
+    one is the 4-bit base with the adapters disabled (or the 4-bit weights of
+    ``reference.model_name_or_path``), the precomputed pass runs it on GPUs
+    (``reference.gpus_per_actor`` > 0). ``final/`` holds the adapter merged into the base loaded
+    in ``model.dtype``, not into the 4-bit one."""
 
     def _validate(self) -> None:
+        self._require(
+            self.enabled or not self.load_in_4bit,
+            "load_in_4bit",
+            "4-bit weights are not trained, only adapters on them: set model.lora.enabled true",
+        )
         targets = self.target_modules
         self._require(bool(targets), "target_modules", f"must not be empty (default: {ALL_LINEAR})")
         self._require(
@@ -157,16 +172,22 @@ class DataConfig(Section):
     """How ``path`` is stored: ``jsonl`` / ``parquet`` files, ``hf_disk`` (a ``save_to_disk``
     directory) or ``hf`` (``datasets.load_dataset(path)``). ``auto`` decides from the path (file
     suffixes, a ``dataset_info.json``, ``builtin:``); anything else is ``hf``."""
-    schema: Literal["auto", "pairs", "hh", "implicit", "conversational"] = "auto"
+    schema: Literal[
+        "auto", "pairs", "hh", "implicit", "conversational", "completion", "messages"
+    ] = "auto"
     """Shape of a row. ``pairs``: prompt/chosen/rejected strings. ``hh``: chosen/rejected each a
     whole raw HH dialogue (``\\n\\nHuman:`` / ``\\n\\nAssistant:``), split at the last shared
     Assistant turn. ``implicit``: chosen/rejected strings that both start with the prompt (TRL's
     implicit prompt), split where they first differ as TRL's ``extract_prompt`` does.
     ``conversational``: chat message lists (role/content, a content may be a list of text parts)
     rendered with the chat template; prompt messages repeated at the start of chosen/rejected (as
-    in UltraFeedback binarized) are removed. ``auto`` decides per row: message lists ->
-    conversational, a prompt column -> pairs, else hh when both hold ``\\n\\nAssistant:``, else
-    implicit."""
+    in UltraFeedback binarized) are removed. Rows with one completion, read only by ``raypo
+    sft``: ``completion`` = prompt and completion columns (strings, or message lists: TRL's
+    prompt-completion format); ``messages`` = one message list whose last message, an assistant
+    message, is the completion and the messages before it the prompt. ``auto`` decides per row:
+    no chosen and no rejected column -> messages when the row has ``messages_field``, else
+    completion; message lists -> conversational, a prompt column -> pairs, else hh when both hold
+    ``\\n\\nAssistant:``, else implicit."""
     hf_name: str | None = None
     """Dataset configuration name given to ``load_dataset`` (``format: hf``); null = none. When
     ``path`` is a local file or glob, the builder reading it as ``data_files`` (``json``,
@@ -189,9 +210,19 @@ class DataConfig(Section):
     """Column of the preferred completion (the whole dialogue for ``schema: hh``)."""
     rejected_field: str = "rejected"
     """Column of the dispreferred completion (the whole dialogue for ``schema: hh``)."""
+    completion_field: str = "completion"
+    """Column of the completion of a ``schema: completion`` row (``raypo sft``)."""
+    messages_field: str = "messages"
+    """Column of the message list of a ``schema: messages`` row (``raypo sft``)."""
+    subsets: list[str] = field(default_factory=list)
+    """Parts of ``path`` read as separate sources, each part's name the group of its pairs
+    (unless ``group_field`` is set), so that evaluation reports accuracy per part: with ``format:
+    hf`` the ``data_dir`` of each ``load_dataset`` call (HH-RLHF's ``[helpful-base,
+    harmless-base]``), else files or directories under ``path`` (``path/NAME``). [] = ``path``
+    read whole."""
     group_field: str | None = None
     """Optional column naming a pair's group (annotator group, region, persona); evaluation
-    reports accuracy per group. null = no groups."""
+    reports accuracy per group. null = no groups, or with ``subsets`` each pair's subset."""
     id_field: str | None = None
     """Optional column of unique pair ids; null = ids made from source file and row number."""
     max_rows: int | None = bounded(None, ">= 1")
@@ -235,6 +266,7 @@ class DataConfig(Section):
 
     def _validate(self) -> None:
         self._require(bool(self.path.strip()), "path", "must not be empty")
+        self._check_subsets()
         self._require(
             self.max_prompt_length < self.max_length,
             "max_prompt_length",
@@ -242,6 +274,17 @@ class DataConfig(Section):
         )
         if self.chat_template is not None:
             object.__setattr__(self, "chat_template", self._read_chat_template())
+
+    def _check_subsets(self) -> None:
+        names = self.subsets
+        self._require(all(name.strip() for name in names), "subsets", "a name is empty")
+        self._require(len(set(names)) == len(names), "subsets", "a name is repeated")
+        if names and self.hf_data_dir is not None:
+            problem = "each entry of data.subsets is a data_dir already; set one of the two"
+            raise ConfigError(self._key("hf_data_dir"), self.hf_data_dir, problem)
+        if names and self.path.startswith("builtin:"):
+            problem = "builtin data has no subsets; set data.subsets []"
+            raise ConfigError(self._key("subsets"), names, problem)
 
     def _read_chat_template(self) -> str:
         """The text of ``chat_template`` (read from its file when it names one), once it

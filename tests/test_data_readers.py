@@ -3,6 +3,7 @@ every bad row is rejected at its line with its reason, and the summary guards th
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -415,6 +416,115 @@ def test_conversation_with_identical_or_empty_completions(tmp_path: Path) -> Non
         for r in iter_pairs(DataConfig(path=str(path)))
     ]
     assert got == ["identical_completions", "empty_completion", "empty_completion", "ok"]
+
+
+# --- rows with one completion, read for raypo sft ----------------------------------------------
+
+SFT_LINES: list[tuple[object, str | None, str]] = [
+    ({"prompt": "What is 2+2?", "completion": " 4"}, None, "missing_field"),
+    ({"messages": [SYSTEM, USER, GOOD]}, None, "missing_field"),
+    ({"messages": [USER, GOOD, USER, BAD]}, None, "missing_field"),
+    ({"prompt": [USER], "completion": [GOOD]}, None, "missing_field"),
+    ('{"prompt": "p", "completion": ', "malformed_json", "malformed_json"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, None, "identical_completions"),
+    ({"messages": [USER]}, "invalid_messages", "missing_field"),
+    ({"messages": [GOOD]}, "empty_prompt", "missing_field"),
+    ({"messages": "hi"}, "non_text_value", "missing_field"),
+    ({"prompt": "p", "completion": [USER, GOOD]}, "invalid_messages", "missing_field"),
+    ({"prompt": "p", "completion": " "}, "empty_completion", "missing_field"),
+    ({"completion": "c"}, "missing_field", "missing_field"),
+]
+"""(row or raw line, reason read for SFT, reason read for preference training); None = accepted;
+line n of the file is entry n - 1."""
+
+
+def test_sft_rows_are_read_for_sft_and_rejected_at_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "sft.jsonl"
+    lines = [row if isinstance(row, str) else json.dumps(row) for row, _, _ in SFT_LINES]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for sft, column in ((True, 1), (False, 2)):
+        records = list(iter_pairs(DataConfig(path=str(path)), sft=sft))
+        got = [(r.row, r.reason if isinstance(r, Rejection) else None) for r in records]
+        assert got == [(n, entry[column]) for n, entry in enumerate(SFT_LINES, start=1)], sft
+    sft_records = list(iter_pairs(DataConfig(path=str(path)), sft=True))
+    accepted = [
+        (r.prompt, r.chosen, r.rejected) for r in sft_records if isinstance(r, PreferencePair)
+    ]
+    assert accepted == [
+        ("What is 2+2?", " 4", None),
+        ([SYSTEM, USER], [GOOD], None),  # the last assistant message is the completion
+        ([USER, GOOD, USER], [BAD], None),
+        ([USER], [GOOD], None),
+        ("p", "same", None),  # a pair keeps its chosen completion; identical ones do not matter
+    ]
+    preference = list(iter_pairs(DataConfig(path=str(path))))
+    assert "raypo sft" in preference[0].detail and "'chosen'" in preference[0].detail
+    assert "last message" in sft_records[6].detail and "no prompt" in sft_records[7].detail
+
+
+def test_sft_rows_under_user_columns_and_an_explicit_schema(tmp_path: Path) -> None:
+    rows = [
+        {"question": "q?", "answer": " a", "dialogue": [USER, GOOD]},
+        {"question": "q?", "answer": " a", "dialogue": [USER, GOOD]},
+    ]
+    path = _write_jsonl(tmp_path / "u.jsonl", rows)
+    fields = {"prompt_field": "question", "completion_field": "answer"}
+    (first, _) = iter_pairs(DataConfig(path=str(path), **fields), sft=True)
+    # auto: no messages column by that name, so the completion column decides.
+    assert (first.prompt, first.chosen, first.rejected) == ("q?", " a", None)
+    cfg = DataConfig(path=str(path), schema="messages", messages_field="dialogue")
+    (first, _) = iter_pairs(cfg, sft=True)
+    assert (first.prompt, first.chosen) == ([USER], [GOOD])
+    hh = list(iter_pairs(DataConfig(path=str(HH_FILE), max_rows=5), sft=True))
+    assert all(isinstance(r, PreferencePair) and r.rejected is None for r in hh)
+
+
+# --- subsets: several sources, each its pairs' group -------------------------------------------
+
+
+def test_subsets_are_sources_whose_name_is_the_group(tmp_path: Path) -> None:
+    for name, count in (("helpful-base", 3), ("harmless-base", 2)):
+        _write_jsonl(tmp_path / "hh" / name / "train.jsonl", _pairs_rows(count))
+    fields = {k: v for k, v in USER_FIELDS.items() if k != "group_field"}
+    cfg = DataConfig(path=str(tmp_path / "hh"), subsets=["helpful-base", "harmless-base"], **fields)
+    assert [s.subset for s in list_sources(cfg)] == ["helpful-base", "harmless-base"]
+    pairs = list(iter_pairs(cfg))
+    assert [p.group for p in pairs] == ["helpful-base"] * 3 + ["harmless-base"] * 2
+    assert len({p.id for p in pairs}) == 5  # the same rows in both subsets, distinct ids
+    by_column = list(iter_pairs(dataclasses.replace(cfg, group_field="annotator")))
+    assert [p.group for p in by_column] == ["0", "1", "2", "0", "1"]
+
+
+def test_hub_subsets_are_data_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_load(path: str, split: str, name: str | None, data_dir: str | None) -> list[int]:
+        calls.append(data_dir)
+        return [0] * 5
+
+    monkeypatch.setattr(readers, "_load_hub_or_files", fake_load)
+    cfg = DataConfig(path="Anthropic/hh-rlhf", subsets=["helpful-base", "harmless-base"])
+    sources = list_sources(cfg)
+    assert calls == ["helpful-base", "harmless-base"]
+    assert [s.label for s in sources] == [
+        "hf:Anthropic/hh-rlhf/helpful-base[train]",
+        "hf:Anthropic/hh-rlhf/harmless-base[train]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"subsets": ["a", "a"]}, "data.subsets"),
+        ({"subsets": ["a", " "]}, "data.subsets"),
+        ({"subsets": ["a"], "hf_data_dir": "b"}, "data.hf_data_dir"),
+        ({"subsets": ["a"], "path": "builtin:hh_sample"}, "data.subsets"),
+    ],
+)
+def test_bad_subsets_name_the_key(settings: dict[str, Any], key: str) -> None:
+    settings = {"path": "Anthropic/hh-rlhf", **settings}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        DataConfig(**settings)
 
 
 # --- source errors -----------------------------------------------------------------------------

@@ -219,6 +219,41 @@ def test_chat_template_problems_are_rejections(tokenizer: PreTrainedTokenizerBas
     assert "unknown chat role: tool" in _rejection(result, "chat_template_error").detail
 
 
+def test_an_sft_example_gets_the_ids_of_its_pair_without_rejected_ids(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """An SFT example (rejected None) is the chosen side of the same pair: equal prompt and
+    chosen ids, text and chat alike, alone or in a batch with pairs, and no rejected ids."""
+    cfg = DataConfig(max_length=24, max_prompt_length=16)
+    text = ("\n\nHuman: Hi\n\nAssistant:", " Hello there!", " Bye.")
+    chat = (
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "assistant", "content": "Hello there!"}],
+        [{"role": "assistant", "content": "Bye."}],
+    )
+    pairs = [_pair(*text), _pair(*chat)]
+    examples = [dataclasses.replace(pair, rejected=None) for pair in pairs]
+    mixed = tokenize_pairs([pairs[0], examples[0], examples[1], pairs[1]], tokenizer, cfg)
+    assert mixed == [
+        tokenize_pair(item, tokenizer, cfg) for item in (*pairs[:1], *examples, pairs[1])
+    ]
+    for pair, example in zip((mixed[0], mixed[3]), mixed[1:3], strict=True):
+        pair, example = _tokenized(pair), _tokenized(example)
+        assert (example.prompt_ids, example.chosen_ids) == (pair.prompt_ids, pair.chosen_ids)
+        assert example.chosen_ids[-1] == tokenizer.eos_token_id
+        row = example.to_row()
+        assert (row["rejected_ids"], row["rejected_length"], row["rejected_truncated"]) == (
+            [],
+            0,
+            False,
+        )
+    long = dataclasses.replace(examples[0], chosen=LONG_COMPLETION)
+    cut = _tokenized(tokenize_pair(long, tokenizer, cfg))
+    assert cut.chosen_truncated and len(cut.prompt_ids) + len(cut.chosen_ids) == 24
+    empty = dataclasses.replace(examples[0], chosen=EOS)
+    assert "chosen" in _rejection(tokenize_pair(empty, tokenizer, cfg), "empty_completion").detail
+
+
 def test_append_eos_needs_an_eos_token(tokenizer: PreTrainedTokenizerBase) -> None:
     no_eos = copy.deepcopy(tokenizer)
     no_eos.eos_token = None

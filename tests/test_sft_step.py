@@ -3,14 +3,18 @@ completion-only next-token NLL on the tiny model, with the prompt and the paddin
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hh_pairs import hh_columns
 
 from raypo.data.collate import collate_pairs
 from raypo.models import load_policy
+from raypo.sft.loop import sft_micro_step
 from raypo.sft.step import COMPLETION_KEYS, sft_step
 from raypo.step import ForwardSettings
+from raypo.train.batches import MicroBatch
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +88,20 @@ def test_the_loss_carries_the_gradient(model_and_batch) -> None:
     grads = [param.grad for param in model.parameters() if param.grad is not None]
     model.zero_grad()
     assert grads and any(bool(grad.abs().sum() > 0) for grad in grads)
+
+
+def test_the_worker_step_trains_rows_with_one_completion(model_and_batch) -> None:
+    """The data read for SFT leaves ``rejected_ids`` empty (prompt/completion and messages rows,
+    pairs without their rejected completion); the workers' step on such rows is the same
+    completion-only NLL, within 1e-5 of the float64 computation."""
+    model, columns, pad_id = model_and_batch
+    rows = {**columns, "rejected_ids": [[] for _ in columns["prompt_ids"]]}
+    worker = SimpleNamespace(
+        policy=model,
+        tokenizer=SimpleNamespace(pad_token_id=pad_id),
+        device=torch.device("cpu"),
+        forward=ForwardSettings(padding_free="off"),
+    )
+    with torch.no_grad():
+        result = sft_micro_step(worker, MicroBatch(rows, real=True))
+    assert float(result.loss) == pytest.approx(_float64_nll(model, columns), rel=1e-5)

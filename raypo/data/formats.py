@@ -22,7 +22,21 @@ Four row shapes (``data.schema``), with the column names of ``data.*_field``:
   them, which is what the chat templates that accept parts (Qwen2.5-VL, Qwen3.5, LFM2.5) render
   for them; any other part (an image) rejects the row (``non_text_content``).
 
+Two shapes hold one completion and are read only for ``raypo sft`` (``sft=True``), as TRL's
+``SFTTrainer`` reads them; preference training rejects them (``missing_field``):
+
+- ``completion``: prompt and completion columns, both strings or (either one a message list)
+  messages, TRL's prompt-completion format: the completion must start with an assistant message.
+- ``messages``: one message list (TRL's conversational language-modelling format). The completion
+  is its last message, which must be an assistant message, and the prompt every message before
+  it: the loss covers the last assistant turn only, where TRL's ``assistant_only_loss`` covers
+  every assistant turn (and TRL's default the whole conversation).
+
+Read for SFT, a pair keeps its chosen completion only (``rejected`` None): it served to find the
+prompt of hh and implicit rows, and SFT never trains on it.
+
 ``auto`` decides per row, from the row alone, so that any shard of a file gives the same result:
+no chosen and no rejected field -> messages when the row has the messages field, else completion;
 a message list in any of the three fields -> conversational; else a prompt -> pairs; else hh when
 chosen and rejected both hold ``\\n\\nAssistant:``, else implicit.
 """
@@ -33,7 +47,7 @@ import json
 from typing import Any
 
 from raypo.config import DataConfig
-from raypo.data.records import RAW_CHARS, Message, PreferencePair, Rejection
+from raypo.data.records import RAW_CHARS, Message, PreferencePair, Rejection, Text
 from raypo.data.validate import check_texts
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -56,36 +70,52 @@ def raw_text(row: object) -> str:
     return json.dumps(row, ensure_ascii=False, default=str)[:RAW_CHARS]
 
 
+SINGLE_COMPLETION_SCHEMAS = ("completion", "messages")
+"""Row shapes with one completion, read only for ``raypo sft``."""
+
+
 def normalise_row(
-    row: object, cfg: DataConfig, source: str, number: int, raw: str
+    row: object,
+    cfg: DataConfig,
+    source: str,
+    number: int,
+    raw: str,
+    *,
+    group: str | None = None,
+    sft: bool = False,
 ) -> PreferencePair | Rejection:
     """``row`` (a decoded JSON value or Arrow row) as a pair of ``source``'s row ``number``, or
-    the rejection of its first problem; ``raw`` is the row's text kept in a rejection."""
+    the rejection of its first problem; ``raw`` is the row's text kept in a rejection. ``group``:
+    the pair's group when ``data.group_field`` is null (its source's subset). ``sft``: read for
+    ``raypo sft`` (rows with one completion accepted, pairs without their rejected completion;
+    see the module docstring)."""
     try:
-        return _pair(row, cfg, source, number)
+        return _pair(row, cfg, source, number, group, sft)
     except RowProblem as problem:
         return Rejection(source, number, problem.reason, problem.detail, raw[:RAW_CHARS])
 
 
-def _pair(row: object, cfg: DataConfig, source: str, number: int) -> PreferencePair:
+def _pair(
+    row: object, cfg: DataConfig, source: str, number: int, group: str | None, sft: bool
+) -> PreferencePair:
     if not isinstance(row, dict):
         kind = type(row).__name__
         raise RowProblem("not_an_object", f"the row is a JSON {kind}, expected an object")
-    chosen = _required(row, cfg.chosen_field, "chosen")
-    rejected = _required(row, cfg.rejected_field, "rejected")
-    prompt = row.get(cfg.prompt_field)
-    schema = cfg.schema if cfg.schema != "auto" else detect_schema(prompt, chosen, rejected)
-    if schema in ("hh", "implicit"):
-        split = split_hh if schema == "hh" else split_implicit
-        prompt, chosen, rejected = split(
-            _text(chosen, cfg.chosen_field), _text(rejected, cfg.rejected_field)
-        )
-    elif schema == "conversational":
-        prompt, chosen, rejected = split_conversation(prompt, chosen, rejected, cfg)
+    schema = cfg.schema if cfg.schema != "auto" else detect_schema(row, cfg)
+    if schema in SINGLE_COMPLETION_SCHEMAS:
+        if not sft:
+            raise RowProblem(
+                "missing_field",
+                f"a {schema} row holds one completion and no {cfg.chosen_field!r} and "
+                f"{cfg.rejected_field!r} pair; fine-tune on it with raypo sft, or set "
+                "data.chosen_field and data.rejected_field to the pair's columns",
+            )
+        prompt, chosen = single_completion(row, cfg, schema)
+        rejected = None
     else:
-        prompt = _text(_required(row, cfg.prompt_field, "prompt"), cfg.prompt_field)
-        chosen = _text(chosen, cfg.chosen_field)
-        rejected = _text(rejected, cfg.rejected_field)
+        prompt, chosen, rejected = _preference_texts(row, cfg, schema)
+        if sft:
+            rejected = None
     problem = check_texts(prompt, chosen, rejected)
     if problem is not None:
         raise RowProblem(*problem)
@@ -94,15 +124,65 @@ def _pair(row: object, cfg: DataConfig, source: str, number: int) -> PreferenceP
         prompt=prompt,
         chosen=chosen,
         rejected=rejected,
-        group=_label(row, cfg.group_field, "group") if cfg.group_field else None,
+        group=_label(row, cfg.group_field, "group") if cfg.group_field else group,
         source=source,
         row=number,
     )
 
 
-def detect_schema(prompt: object, chosen: object, rejected: object) -> str:
-    """``conversational``, ``pairs``, ``hh`` or ``implicit`` for a row's three values (see the
-    module docstring)."""
+def _preference_texts(row: dict[str, Any], cfg: DataConfig, schema: str) -> tuple[Text, Text, Text]:
+    """``(prompt, chosen, rejected)`` of a preference row of ``schema``."""
+    chosen = _required(row, cfg.chosen_field, "chosen")
+    rejected = _required(row, cfg.rejected_field, "rejected")
+    if schema in ("hh", "implicit"):
+        split = split_hh if schema == "hh" else split_implicit
+        return split(_text(chosen, cfg.chosen_field), _text(rejected, cfg.rejected_field))
+    if schema == "conversational":
+        return split_conversation(row.get(cfg.prompt_field), chosen, rejected, cfg)
+    prompt = _text(_required(row, cfg.prompt_field, "prompt"), cfg.prompt_field)
+    return prompt, _text(chosen, cfg.chosen_field), _text(rejected, cfg.rejected_field)
+
+
+def single_completion(row: dict[str, Any], cfg: DataConfig, schema: str) -> tuple[Text, Text]:
+    """``(prompt, completion)`` of a ``completion`` or ``messages`` row (see the module
+    docstring); raises :class:`RowProblem` naming the field at fault."""
+    if schema == "messages":
+        name = cfg.messages_field
+        conversation = _required(row, name, "messages")
+        if not isinstance(conversation, list):
+            kind = type(conversation).__name__
+            raise RowProblem("non_text_value", f"{name!r} is a {kind}, not a message list")
+        listed = messages(conversation, name, "user")
+        if not listed:
+            raise RowProblem("invalid_messages", f"{name!r} is an empty list")
+        if listed[-1]["role"] != "assistant":
+            detail = f"{name!r} ends with a {listed[-1]['role']!r} message; the completion is the "
+            raise RowProblem("invalid_messages", detail + "last message, an assistant message")
+        if len(listed) == 1:
+            detail = f"{name!r} holds only the assistant message, no prompt before it"
+            raise RowProblem("empty_prompt", detail)
+        return listed[:-1], listed[-1:]
+    prompt = _required(row, cfg.prompt_field, "prompt")
+    completion = _required(row, cfg.completion_field, "completion")
+    if not (isinstance(prompt, list) or isinstance(completion, list)):
+        return _text(prompt, cfg.prompt_field), _text(completion, cfg.completion_field)
+    reply = messages(completion, cfg.completion_field, "assistant")
+    if reply and reply[0]["role"] != "assistant":
+        detail = f"{cfg.completion_field!r} starts with a {reply[0]['role']!r} message"
+        raise RowProblem("invalid_messages", detail + ", expected 'assistant'")
+    return messages(prompt, cfg.prompt_field, "user"), reply
+
+
+def detect_schema(row: dict[str, Any], cfg: DataConfig) -> str:
+    """The schema of a row (see the module docstring): ``messages``, ``completion``,
+    ``conversational``, ``pairs``, ``hh`` or ``implicit``."""
+    if row.get(cfg.chosen_field) is None and row.get(cfg.rejected_field) is None:
+        has_messages = row.get(cfg.messages_field) is not None
+        if has_messages or row.get(cfg.completion_field) is not None:
+            return "messages" if has_messages else "completion"
+    prompt, chosen, rejected = (
+        row.get(name) for name in (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
+    )
     if any(isinstance(value, list) for value in (prompt, chosen, rejected)):
         return "conversational"
     if prompt is not None:

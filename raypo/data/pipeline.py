@@ -150,13 +150,14 @@ def _process_source(
     tokenizer_path: str,
     trust_remote_code: bool,
     seed: int,
+    sft: bool,
 ) -> Iterator[dict[str, Any]]:
     """Read, validate and tokenise one source; one output row per row read."""
     source = Source(**json.loads(item["source"]))
     fixed_split = item["fixed_split"] or None
     tokenizer = _tokenizer(tokenizer_path, trust_remote_code)
     pending: list[Any] = []
-    for record in read_pairs(source, data, item["hf_split"] or None):
+    for record in read_pairs(source, data, item["hf_split"] or None, sft=sft):
         pending.append(record)
         if len(pending) >= TOKENIZE_BATCH:
             yield from _output_rows(_tokenize(pending, tokenizer, data), fixed_split, data, seed)
@@ -241,8 +242,10 @@ def apply_row_order(data: DataConfig) -> None:
     ray.data.DataContext.get_current().execution_options.preserve_order = data.preserve_order
 
 
-def prepare_pairs(config: RaypoConfig) -> PreparedData:
-    """Read, validate and tokenise ``config.data`` into ``RUN_DIR/prepared``.
+def prepare_pairs(config: RaypoConfig, *, sft: bool = False) -> PreparedData:
+    """Read, validate and tokenise ``config.data`` into ``RUN_DIR/prepared``; ``sft``: for
+    ``raypo sft`` (:func:`raypo.data.formats.normalise_row`: rows with one completion are read,
+    pairs lose their rejected completion, whose ids are then empty).
 
     Writes ``prepared/split=train|eval|rejected`` (Parquet), ``rejects.jsonl`` and
     ``data_summary.json``, then raises :class:`raypo.data.validate.DataQualityError` when more than
@@ -263,7 +266,7 @@ def prepare_pairs(config: RaypoConfig) -> PreparedData:
     }
     rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
         _process_source,
-        fn_kwargs={"data": data, **tokenizing, "seed": config.seed},
+        fn_kwargs={"data": data, **tokenizing, "seed": config.seed, "sft": sft},
         num_cpus=data.num_cpus_per_op,
     )
     if data.max_rows is not None:

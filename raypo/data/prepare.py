@@ -57,16 +57,19 @@ class PreparedRun:
 
 
 def prepare(
-    config: RaypoConfig, command: str = "prepare", reference_pass: bool = True
+    config: RaypoConfig,
+    command: str = "prepare",
+    reference_pass: bool = True,
+    sft: bool = False,
 ) -> PreparedRun:
     """Run every stage before training for ``config`` on the current Ray cluster (started if
     needed), printing one line per stage as ``raypo COMMAND: ...``; see the module docstring.
     ``reference_pass`` False skips the precomputed reference pass (``raypo sft`` has no
-    reference)."""
+    reference); ``sft`` reads the data for ``raypo sft`` (:func:`prepare_pairs`)."""
     init_ray()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    data = prepare_pairs(config)
+    data = prepare_pairs(config, sft=sft)
     seconds["tokenise"] = time.perf_counter() - started
     stage(command, data_line(config, data, seconds["tokenise"]))
     fitted_model = None

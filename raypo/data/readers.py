@@ -16,6 +16,10 @@
   ``hf_name`` (``json``, ``parquet``, ``csv``; null = from the suffix), i.e. ``format: hf,
   hf_name: json, path: x.jsonl`` is ``load_dataset("json", data_files="x.jsonl", split=split)``.
 
+With ``data.subsets`` each subset is listed as above with ``data_dir`` = the subset
+(``format: hf``) or ``path/SUBSET`` as the path, and its sources carry the subset's name, the
+group of their pairs (:attr:`Source.subset`).
+
 Parquet files with several row groups and ``datasets`` splits larger than :data:`SHARD_ROWS` are
 cut into shards that separate tasks read. A problem with the path itself raises
 :class:`raypo.config.ConfigError` naming ``data.path`` and the fix.
@@ -62,17 +66,21 @@ _BUILTIN = "builtin:"
 
 def list_sources(cfg: DataConfig) -> list[Source]:
     """The sources of ``cfg.path`` in a stable order (see the module docstring)."""
+    if cfg.subsets:
+        return [
+            dataclasses.replace(source, subset=name)
+            for name in cfg.subsets
+            for source in list_sources(_subset_config(cfg, name))
+        ]
     path = cfg.path
     if path.startswith(_BUILTIN):
         return [_builtin_source(cfg)]
-    if cfg.format == "hf":
+    if _is_hub(cfg):
         return _hf_sources(cfg)
     local = Path(path).expanduser()
     saved = local.is_dir() and any((local / name).is_file() for name in _SAVED_DATASET_MARKERS)
     if cfg.format == "hf_disk" or (cfg.format == "auto" and saved):
         return _disk_sources(cfg, local)
-    if cfg.format == "auto" and not local.exists() and not looks_local(path):
-        return _hf_sources(cfg)
     sources = []
     for file in _data_files(path, cfg.format):
         kind = cfg.format if cfg.format in ("jsonl", "parquet") else _kind_of(file)
@@ -80,11 +88,31 @@ def list_sources(cfg: DataConfig) -> list[Source]:
     return sources
 
 
+def _is_hub(cfg: DataConfig) -> bool:
+    """Whether ``cfg.path`` is read with ``datasets.load_dataset`` (see the module docstring)."""
+    if cfg.format != "auto":
+        return cfg.format == "hf"
+    path = cfg.path
+    return (
+        not path.startswith(_BUILTIN)
+        and not Path(path).expanduser().exists()
+        and not (looks_local(path))
+    )
+
+
+def _subset_config(cfg: DataConfig, name: str) -> DataConfig:
+    """``cfg`` reading subset ``name`` alone: its ``data_dir`` on the hub, else ``path/name``."""
+    if _is_hub(cfg):
+        return dataclasses.replace(cfg, subsets=[], hf_data_dir=name)
+    return dataclasses.replace(cfg, subsets=[], path=str(Path(cfg.path) / name))
+
+
 def read_pairs(
-    source: Source, cfg: DataConfig, split: str | None = None
+    source: Source, cfg: DataConfig, split: str | None = None, *, sft: bool = False
 ) -> Iterator[PreferencePair | Rejection]:
     """Every row of ``source``, in order, as one pair or one rejection. ``split`` (optional)
-    replaces the split of a ``datasets`` source, e.g. ``data.eval_split``."""
+    replaces the split of a ``datasets`` source, e.g. ``data.eval_split``. ``sft``: read for
+    ``raypo sft`` (:func:`raypo.data.formats.normalise_row`)."""
     if split is not None and (source.kind == "hf" or source.split is not None):
         source = dataclasses.replace(source, split=split)
     label = source.label
@@ -93,22 +121,22 @@ def read_pairs(
         if isinstance(row, Rejection):
             yield row
             continue
-        record = normalise_row(row, cfg, label, number, raw if raw is not None else raw_text(row))
+        raw = raw if raw is not None else raw_text(row)
+        record = normalise_row(row, cfg, label, number, raw, group=source.subset, sft=sft)
         if cfg.id_field is not None and isinstance(record, PreferencePair):
             first = seen.setdefault(record.id, number)
             if first != number:
                 detail = f"id {record.id!r} was already used by row {first}"
-                raw = raw if raw is not None else raw_text(row)
                 record = Rejection(label, number, "duplicate_id", detail, raw[:RAW_CHARS])
         yield record
 
 
-def iter_pairs(cfg: DataConfig) -> Iterator[PreferencePair | Rejection]:
+def iter_pairs(cfg: DataConfig, *, sft: bool = False) -> Iterator[PreferencePair | Rejection]:
     """Every source of ``cfg`` read in turn, stopping after ``cfg.max_rows`` rows (one process;
-    the Ray Data pipeline reads sources in parallel)."""
+    the Ray Data pipeline reads sources in parallel); ``sft`` as in :func:`read_pairs`."""
     count = 0
     for source in list_sources(cfg):
-        for record in read_pairs(source, cfg):
+        for record in read_pairs(source, cfg, sft=sft):
             if cfg.max_rows is not None and count >= cfg.max_rows:
                 return
             count += 1
@@ -189,7 +217,8 @@ def _load_dataset(source: Source, cfg: DataConfig) -> Any:
     if source.kind == "hf_disk":
         return _load_from_disk(source.path, source.split)
     split = source.split if source.split is not None else cfg.split
-    return _load_hub_or_files(source.path, split, cfg.hf_name, cfg.hf_data_dir)
+    data_dir = source.subset if source.subset is not None else cfg.hf_data_dir
+    return _load_hub_or_files(source.path, split, cfg.hf_name, data_dir)
 
 
 @functools.lru_cache(maxsize=4)

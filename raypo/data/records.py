@@ -25,10 +25,12 @@ REJECT_REASONS: dict[str, str] = {
     "blank_line": "an empty or whitespace-only line in a JSONL file",
     "malformed_json": "the line is not valid JSON",
     "not_an_object": "the row is a JSON value other than an object (list, string, number)",
-    "missing_field": "a configured field (chosen, rejected, prompt, id, group) is absent or null",
+    "missing_field": "a configured field (chosen, rejected, prompt, completion, messages, id, "
+    "group) is absent or null, or a row with one completion is read for preference training",
     "non_text_value": "a field holds a number, mapping or list where text is expected",
     "invalid_messages": "a message list is not [{'role': str, 'content': str or text parts}, "
-    "...] or a completion does not start with an assistant message",
+    "...], a completion does not start with an assistant message or a messages row does not end "
+    "with one",
     "empty_prompt": "the prompt is empty or whitespace only, chosen and rejected share no start "
     "to take as the prompt, or no prompt token is left before the completions",
     "empty_completion": "the chosen or rejected completion is empty or whitespace only",
@@ -58,6 +60,8 @@ class Source:
     rows (Parquet: row groups); row numbers stay those of the whole file or split, so ids do not
     depend on the sharding. ``split``: the split read (``hf``, ``hf_disk`` dataset dicts).
     ``name``: what :attr:`label` calls the source instead of its path (packaged data).
+    ``subset``: the ``data.subsets`` entry it belongs to, the group of its pairs (a ``hf``
+    source's ``data_dir``).
     """
 
     kind: Literal["jsonl", "parquet", "hf_disk", "hf"]
@@ -66,17 +70,21 @@ class Source:
     num_shards: int = 1
     split: str | None = None
     name: str | None = None
+    subset: str | None = None
 
     @property
     def label(self) -> str:
         """The data this source reads, as rejects, summaries and default ids name it:
         ``data/train.jsonl``, ``hf:Anthropic/hh-rlhf[train]``, ``builtin:hh_sample`` (``name``
         when set, so that ids and the held-out split do not depend on where the package is
-        installed); independent of sharding."""
+        installed); a ``hf`` source's subset follows its path (``hf:Anthropic/hh-rlhf/
+        helpful-base[train]``), so that the subsets' ids differ; independent of sharding."""
         if self.name is not None:
             name = self.name
+        elif self.kind == "hf":
+            name = f"hf:{self.path}" if self.subset is None else f"hf:{self.path}/{self.subset}"
         else:
-            name = f"hf:{self.path}" if self.kind == "hf" else self.path
+            name = self.path
         return f"{name}[{self.split}]" if self.split is not None else name
 
     @property
@@ -89,11 +97,13 @@ class Source:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """A normalised, text-valid preference pair.
+    """A normalised, text-valid preference pair, or an SFT example (``rejected`` None).
 
     ``prompt``/``chosen``/``rejected`` are all strings or all message lists (completions then
     hold only the new messages; they start with an assistant message unless the prompt was
     extracted from them, with no prompt column, and they first differ in another role's message).
+    ``rejected`` is None only in data read for ``raypo sft``: a row with one completion (its
+    ``chosen``), or a pair whose rejected completion SFT does not train on.
     ``id``: the id column's value when ``data.id_field`` is set, else ``f"{source}:{row}"``
     (unique and stable across runs). ``source``: :attr:`Source.label`; ``row``: see the module
     docstring.
@@ -102,7 +112,7 @@ class PreferencePair:
     id: str
     prompt: Text
     chosen: Text
-    rejected: Text
+    rejected: Text | None
     group: str | None
     source: str
     row: int

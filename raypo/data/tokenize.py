@@ -8,7 +8,9 @@ sequence. So the ids are those the model reads in the whole sequence, also where
 across the prompt/completion boundary: with byte-level BPE, ``"Answer: " + "Yes"`` is ``Answer``,
 ``:``, ``ĠYes``, not ``Answer``, ``:``, ``Ġ``, ``Yes``, and the prompt's last token ``Ġ`` moves
 into the completions. When a prompt loses tokens so, a warning says so once per process with the
-number of such pairs in that batch (TRL warns once).
+number of such pairs in that batch (TRL warns once). An SFT example (``rejected`` None,
+:mod:`raypo.data.formats`) is two texts, the prompt alone and followed by its completion, and
+gets empty ``rejected_ids``.
 
 - Strings are tokenised as ``tokenizer(text)`` with the tokenizer's own special tokens (Llama
   adds BOS, Pythia and the tiny tokenizer nothing). With ``data.append_eos`` each completion is
@@ -89,7 +91,8 @@ class TokenizedPair:
     chosen_ids: list[int]
     """The preferred completion after truncation, EOS included when it survived."""
     rejected_ids: list[int]
-    """The dispreferred completion after truncation, EOS included when it survived."""
+    """The dispreferred completion after truncation, EOS included when it survived; empty for an
+    SFT example."""
     prompt_truncated: bool
     chosen_truncated: bool
     rejected_truncated: bool
@@ -118,12 +121,10 @@ class _Specials:
 
 @dataclass(frozen=True)
 class _Texts:
-    """A pair rendered to the three texts that are tokenised: the prompt alone and followed by
-    each completion."""
+    """A pair rendered to the texts that are tokenised: the prompt alone, then the prompt followed
+    by each completion (chosen, and rejected unless it is an SFT example)."""
 
-    prompt: str
-    prompt_chosen: str
-    prompt_rejected: str
+    texts: tuple[str, ...]
     chat: bool
 
 
@@ -133,7 +134,8 @@ class _Split:
 
     prompt: list[int]
     chosen: list[int]
-    rejected: list[int]
+    rejected: list[int] | None
+    """None for an SFT example."""
     prompt_cut: list[int]
     """The prompt's last tokens that the completions tokenise differently (usually none)."""
 
@@ -199,16 +201,16 @@ def _specials(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> _Specials:
 def _encode_all(
     tokenizer: PreTrainedTokenizerBase, rendered: list[_Texts | Rejection]
 ) -> list[tuple[list[int], ...]]:
-    """The ids of each rendered pair's three texts (``()`` for a rejection): strings with the
+    """The ids of each rendered pair's texts (``()`` for a rejection): strings with the
     tokenizer's special tokens, as ``tokenizer(text)``; chat renderings without, as
     ``apply_chat_template(tokenize=True)``; one batched call per kind."""
     texts: dict[bool, list[str]] = {False: [], True: []}
     for item in rendered:
         if isinstance(item, _Texts):
-            texts[item.chat] += [item.prompt, item.prompt_chosen, item.prompt_rejected]
+            texts[item.chat] += item.texts
     encoded = {chat: iter(_encode(tokenizer, texts[chat], not chat)) for chat in (False, True)}
     return [
-        () if isinstance(item, Rejection) else tuple(next(encoded[item.chat]) for _ in range(3))
+        () if isinstance(item, Rejection) else tuple(next(encoded[item.chat]) for _ in item.texts)
         for item in rendered
     ]
 
@@ -236,13 +238,11 @@ def _render(
 ) -> _Texts | Rejection:
     """The pair's texts: joined as they are for strings, through the chat template (``template``
     or the tokenizer's) for messages."""
+    completions = [pair.chosen] if pair.rejected is None else [pair.chosen, pair.rejected]
     if isinstance(pair.prompt, str):
         eos = specials.eos_text
-        chosen, rejected = (
-            text if eos is None or text.endswith(eos) else text + eos
-            for text in (pair.chosen, pair.rejected)
-        )
-        return _Texts(pair.prompt, pair.prompt + chosen, pair.prompt + rejected, chat=False)
+        ends = [text if eos is None or text.endswith(eos) else text + eos for text in completions]
+        return _Texts((pair.prompt, *(pair.prompt + text for text in ends)), chat=False)
     if template is None and tokenizer.chat_template is None:
         return _reject(
             pair,
@@ -255,12 +255,11 @@ def _render(
     try:
         texts = [
             _apply_template(tokenizer, template, prompt, generation_prompt=True),
-            _apply_template(tokenizer, template, prompt + list(pair.chosen)),
-            _apply_template(tokenizer, template, prompt + list(pair.rejected)),
+            *(_apply_template(tokenizer, template, prompt + list(c)) for c in completions),
         ]
     except TemplateError as error:
         return _reject(pair, "chat_template_error", f"the chat template failed: {error}")
-    return _Texts(*texts, chat=True)
+    return _Texts(tuple(texts), chat=True)
 
 
 def _apply_template(
@@ -277,17 +276,17 @@ def _apply_template(
 def _split(
     pair: PreferencePair, chat: bool, ids: tuple[list[int], ...], specials: _Specials
 ) -> _Split | Rejection:
-    """The prompt as the ids the three sequences share at their start, completions the rest."""
-    prompt, prompt_chosen, prompt_rejected = (_single_specials(seq, specials) for seq in ids)
-    size = min(_common_prefix(prompt, prompt_chosen), _common_prefix(prompt, prompt_rejected))
+    """The prompt as the ids the sequences share at their start, completions the rest."""
+    prompt, *joined = (_single_specials(seq, specials) for seq in ids)
+    size = min(_common_prefix(prompt, sequence) for sequence in joined)
     if size == 0:
         reason = "chat_template_mismatch" if chat and prompt else "empty_prompt"
-        detail = (
-            f"the tokenised prompt {prompt[:8]} shares no first token with prompt + chosen "
-            f"{prompt_chosen[:8]} or prompt + rejected {prompt_rejected[:8]}"
-        )
+        names = ("prompt + chosen", "prompt + rejected")
+        shown = " or ".join(f"{name} {seq[:8]}" for name, seq in zip(names, joined, strict=False))
+        detail = f"the tokenised prompt {prompt[:8]} shares no first token with {shown}"
         return _reject(pair, reason, detail)
-    return _Split(prompt[:size], prompt_chosen[size:], prompt_rejected[size:], prompt[size:])
+    rejected = joined[1][size:] if len(joined) > 1 else None
+    return _Split(prompt[:size], joined[0][size:], rejected, prompt[size:])
 
 
 def _single_specials(ids: list[int], specials: _Specials) -> list[int]:
@@ -331,7 +330,10 @@ def _assemble(
     pair: PreferencePair, chat: bool, split: _Split, specials: _Specials, cfg: DataConfig
 ) -> TokenizedPair | Rejection:
     """Check, end with EOS and truncate the split ids of one pair."""
-    for name, ids in (("chosen", split.chosen), ("rejected", split.rejected)):
+    completions = [("chosen", split.chosen)]
+    if split.rejected is not None:
+        completions.append(("rejected", split.rejected))
+    for name, ids in completions:
         if all(token in specials.special_ids for token in ids):
             return _reject(
                 pair, "empty_completion", f"{name} has no tokens besides special tokens: {ids}"
@@ -350,7 +352,7 @@ def _assemble(
         budget = min(budget, cfg.max_completion_length)
     eos_id = specials.eos_id if cfg.append_eos else None
     chosen = _with_eos(split.chosen, eos_id, chat)
-    rejected = _with_eos(split.rejected, eos_id, chat)
+    rejected = [] if split.rejected is None else _with_eos(split.rejected, eos_id, chat)
     return TokenizedPair(
         id=pair.id,
         group=pair.group,

@@ -32,13 +32,16 @@ def is_blank(text: Text) -> bool:
     return all(not message["content"].strip() for message in text)
 
 
-def check_texts(prompt: Text, chosen: Text, rejected: Text) -> tuple[str, str] | None:
-    """``(reason, detail)`` of the first text-level problem of a normalised pair, else None."""
+def check_texts(prompt: Text, chosen: Text, rejected: Text | None) -> tuple[str, str] | None:
+    """``(reason, detail)`` of the first text-level problem of a normalised pair, else None; an
+    SFT example (``rejected`` None) is checked for an empty prompt or completion only."""
     if is_blank(prompt):
         return "empty_prompt", "the prompt is empty or whitespace only"
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+    pair = [("the chosen", chosen), ("the rejected", rejected)]
+    completions = [("the", chosen)] if rejected is None else pair
+    for name, completion in completions:
         if is_blank(completion):
-            return "empty_completion", f"the {name} completion is empty or whitespace only"
+            return "empty_completion", f"{name} completion is empty or whitespace only"
     if chosen == rejected:
         return "identical_completions", "chosen and rejected completions are identical"
     return None

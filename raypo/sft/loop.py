@@ -2,8 +2,9 @@
 
 The worker loop, engine, checkpoints and export are ``raypo train``'s
 (:mod:`raypo.train.loop`); the plan's ``micro_step`` makes it call :func:`sft_micro_step`
-instead of the preference step. Each row's prompt and ``chosen`` completion are trained; a
-row's ``rejected`` completion is never read.
+instead of the preference step. Each row's prompt and ``chosen`` completion are trained (the
+completion of a prompt/completion or messages row); ``rejected_ids`` are never read (the data
+read for SFT leaves them empty).
 """
 
 from __future__ import annotations

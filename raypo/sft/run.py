@@ -21,8 +21,9 @@ from raypo.train.progress import summary_lines
 from raypo.train.run import TrainResult, train
 from raypo.train.worker_plan import Recipe
 
-SFT = Recipe(command="sft", micro_step=sft_micro_step, uses_reference=False)
-"""``raypo sft``'s recipe: the SFT step, no reference values."""
+SFT = Recipe(command="sft", micro_step=sft_micro_step, uses_reference=False, sft_data=True)
+"""``raypo sft``'s recipe: the SFT step, no reference values, SFT data (prompt/completion and
+messages rows, or the chosen completions of pairs)."""
 
 
 def sft_config(config: RaypoConfig) -> RaypoConfig:
@@ -36,7 +37,8 @@ def sft_config(config: RaypoConfig) -> RaypoConfig:
 
 
 def sft(config: RaypoConfig, resume: bool = False) -> TrainResult:
-    """Fine-tune ``config.model`` on the prompt + chosen completions of ``config.data``;
+    """Fine-tune ``config.model`` on the prompt + completion of each row of ``config.data``
+    (a pair's chosen completion; :mod:`raypo.data.formats` lists the row shapes);
     ``resume`` continues the run in ``config.run_path`` as ``raypo train --resume`` does."""
     return train(sft_config(config), resume=resume, recipe=SFT)
 

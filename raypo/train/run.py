@@ -334,7 +334,9 @@ def _fit(
     """Prepare (unless ``prepared``), then run Ray Train from ``point``."""
     _check_cluster(config)
     if prepared is None:
-        prepared = prepare(config, recipe.command, reference_pass=recipe.uses_reference)
+        prepared = prepare(
+            config, recipe.command, reference_pass=recipe.uses_reference, sft=recipe.sft_data
+        )
     config = prepared.configure(config)
     save_config(config, RunLayout(config.run_path).config)
     plan = with_resume_point(_worker_plan(config, prepared, step_callbacks, recipe), point)

@@ -52,6 +52,10 @@ class Recipe:
     """The workers' step (:attr:`WorkerPlan.micro_step`); None = the preference step."""
     uses_reference: bool = True
     """Whether the step reads reference values; False skips the precomputed reference pass."""
+    sft_data: bool = False
+    """Whether the data is read for supervised fine-tuning: rows with one completion
+    (prompt/completion, messages) are accepted and pairs keep only their chosen completion
+    (:func:`raypo.data.prepare.prepare`'s ``sft``)."""
 
 
 @dataclass(frozen=True)
