@@ -94,9 +94,13 @@ _DESCRIPTIONS = {
         "table, the best config as a ready-to-run YAML and plots under RUN_DIR.",
     ),
     "report": (
-        "rebuild a run's report from its saved files",
+        "rebuild a run's report, or compare runs side by side",
         f"Rebuild {_RUN.eval_report} and its plots from the files a run saved, using the "
-        f"run's resolved configuration ({_RUN.config}).",
+        f"run's resolved configuration ({_RUN.config}). Given two or more run directories "
+        "(`raypo report RUN_A RUN_B`), write their comparison instead: training curves, policy "
+        "entropy, completion length, accuracy and margins per dispersion quintile and reward "
+        "distributions with the runs side by side, and a table of headline numbers, in --out "
+        "(default: compare-<A>-vs-<B> beside the runs).",
     ),
 }
 
@@ -159,7 +163,10 @@ def _config_file(args: argparse.Namespace, overrides: Sequence[str] = ()) -> Pat
     chosen = args.config_file or args.config_option
     if chosen:
         return Path(chosen)
-    run_dir = getattr(args, "resume", None) or getattr(args, "run_dir", None)
+    # report: the first RUN_DIR's config is loaded and validated here (a comparison reads the
+    # others itself).
+    reported = getattr(args, "run_dirs", None) or [None]
+    run_dir = getattr(args, "resume", None) or reported[0]
     if run_dir:
         return RunLayout(Path(run_dir)).config
     if getattr(args, "command", None) == "eval":
@@ -180,6 +187,11 @@ def _run_external(args: argparse.Namespace, overrides: list[str]) -> int:
     config_file = _config_file(args, overrides)
     if config_file is None and args.command in ("train", "sft", "tune"):
         args.parser.error(f"{args.command} needs CONFIG (or --resume RUN_DIR)")
+    if len(getattr(args, "run_dirs", None) or []) > 1 and overrides:
+        args.parser.error(
+            f"a comparison reads each run's own {_RUN.config.name}; settings such as "
+            f"{overrides[0]} apply to one run: give them with a single RUN_DIR"
+        )
     config = load_config(config_file, overrides + _aliases(args))
     if args.command in ("prepare", "train", "sft", "tune"):
         check_inputs(config, model_named(config_file, overrides))
@@ -292,7 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
             "(otherwise they are only in Ray's session logs)",
         )
         if name == "report":
-            sub.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+            sub.add_argument(
+                "run_dirs",
+                nargs="+",
+                metavar="RUN_DIR",
+                help="a run directory; two or more: compare them",
+            )
+            sub.add_argument(
+                "--out",
+                metavar="DIR",
+                help="where a comparison goes (default: compare-<A>-vs-<B> beside the runs)",
+            )
             sub.set_defaults(config_file=None, config_option=None)
         else:
             optional = name in ("prepare", "eval")

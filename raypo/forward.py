@@ -192,11 +192,12 @@ def sequence_stats_and_aux_loss(
     batch: Mapping[str, Tensor],
     *,
     chunk_size: int = 1024,
+    compute_entropy: bool = False,
     partitioned_head: bool = False,
     padding_free: str = "auto",
 ) -> tuple[SequenceStats, Tensor]:
-    """:func:`sequence_stats` (without entropy) of a Mixture-of-Experts model, and from the same
-    forward its router load-balancing loss: the ``aux_loss`` that
+    """:func:`sequence_stats` (Hn only with ``compute_entropy``) of a Mixture-of-Experts model,
+    and from the same forward its router load-balancing loss: the ``aux_loss`` that
     ``model(input_ids, attention_mask=..., output_router_logits=True)`` returns.
 
     The decoder runs with ``output_router_logits=True`` on the batch's ``2B`` chosen and
@@ -219,7 +220,7 @@ def sequence_stats_and_aux_loss(
         hidden,
         batch,
         chunk_size=chunk_size,
-        compute_entropy=False,
+        compute_entropy=compute_entropy,
         partitioned_head=partitioned_head,
     )
     return stats, aux_loss

@@ -328,8 +328,11 @@ def _margin(batch: PreferenceBatch, spec: Objective, name: str) -> Tensor:
     return chosen - rejected
 
 
-def _rewards(batch: PreferenceBatch, spec: Objective, beta: float) -> tuple[Tensor, Tensor]:
-    """Detached implicit rewards ``beta (logp - ref)``; ``beta logp/|y|`` when reference-free."""
+def implicit_rewards(config: LossConfig, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+    """Per-pair detached implicit rewards ``[B]`` float32 of the chosen and the rejected
+    completions: ``beta (logp - ref)`` (DPO, Rafailov et al. 2023, eq. 5), ``beta logp/|y|`` for
+    reference-free objectives; never scaled by the dispersion ``w(x)``."""
+    spec, beta = objective(config.type), config.beta
     chosen = batch.policy_chosen_logps.detach().float()
     rejected = batch.policy_rejected_logps.detach().float()
     if spec.uses_reference:
@@ -364,7 +367,7 @@ def preference_loss(
     per_pair = LOSS_FUNCTIONS[config.type](h, batch.dispersion, config, strength)
     loss = per_pair.mean()
 
-    reward_chosen, reward_rejected = _rewards(batch, spec, config.beta)
+    reward_chosen, reward_rejected = implicit_rewards(config, batch)
     metrics = {
         "loss": loss.detach(),
         "rewards/chosen": reward_chosen.mean(),

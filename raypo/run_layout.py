@@ -14,6 +14,7 @@ without importing each other. A run directory holds, when the stage that writes 
     metrics.jsonl        training and held-out metrics, one JSON object per logged step
     tensorboard/         TensorBoard events (trainer.report_to tensorboard)
     generations.jsonl    completions sampled during training
+    heldout_pairs.jsonl  each held-out pair's implicit rewards and entropies at every evaluation
     ray/                 Ray Train's checkpoints (default trainer.storage_path), each laid out as
                          CheckpointLayout says
     final/               the exported policy; mixdpo_strength.json beside its weights
@@ -165,6 +166,13 @@ class RunLayout:
         """``generations.jsonl``: completions sampled during training, one per line with its
         step (``eval.during_training_num_prompts``)."""
         return self.root / "generations.jsonl"
+
+    @property
+    def heldout_pairs(self) -> Path:
+        """``heldout_pairs.jsonl``: one line per held-out pair at every held-out evaluation
+        during training: ``step``, ``id``, ``reward_chosen``, ``reward_rejected`` and where known
+        ``reference_hn``, ``policy_hn`` (:mod:`raypo.train.records`)."""
+        return self.root / "heldout_pairs.jsonl"
 
     @property
     def ray(self) -> Path:

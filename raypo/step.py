@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from raypo.forward import (
     sequence_stats_and_aux_loss,
     split_pairs,
 )
-from raypo.losses import PreferenceBatch, preference_loss
+from raypo.losses import PreferenceBatch, implicit_rewards, preference_loss
 from raypo.mixdpo import StrengthDistribution
 from raypo.model_parts import router_aux_loss_coef
 from raypo.objectives import Objective, objective
@@ -72,11 +72,18 @@ class StepResult:
     """TRL-named metrics (detached, 0-dim): ``loss``, ``rewards/*``, ``logps/*``, and where they
     apply ``dispersion/*``, ``mixdpo/*``, ``likelihood/accuracies`` (the fraction of pairs whose
     chosen completion the policy finds likelier), ``reference/accuracies`` (the same for the
-    reference model) and ``aux_loss`` (a Mixture-of-Experts policy's router
-    load-balancing loss, already weighted into ``loss``)."""
+    reference model), ``aux_loss`` (a Mixture-of-Experts policy's router
+    load-balancing loss, already weighted into ``loss``) and, with ``policy_entropy``,
+    ``entropy/policy`` and ``entropy/reference``: the mean over pairs of ``policy_hn`` and
+    ``reference_hn`` of :attr:`per_pair`."""
     tokens: Tensor
     """Real (non-padding) tokens of the forward, prompt and completions of both halves: a 0-dim
     int64 tensor on the batch's device, so that the caller decides when to wait for it."""
+    per_pair: dict[str, Tensor] = field(default_factory=dict)
+    """Detached ``[B]`` values of each pair, what the held-out evaluation records pair by pair:
+    ``reward_chosen`` and ``reward_rejected`` (the implicit rewards of ``rewards/*``), and where
+    known ``reference_hn`` and ``policy_hn``, the pair's normalised entropy
+    ``Hn(x) = (Hn(y_w) + Hn(y_l)) / 2`` under the reference and the policy (unclamped)."""
 
 
 def preference_step(
@@ -88,6 +95,7 @@ def preference_step(
     reference_context: Callable[[], AbstractContextManager[Any]] | None = None,
     strength: StrengthDistribution | None = None,
     forward: ForwardSettings = ForwardSettings(),
+    policy_entropy: bool = False,
 ) -> StepResult:
     """Loss and metrics of ``loss.type`` on one batch (see the module docstring for the order).
 
@@ -105,6 +113,9 @@ def preference_step(
             computes the base weights' outputs inside; None = no context.
         strength: the MixDPO strength distribution (``loss.type: mixdpo``).
         forward: chunking and ZeRO-3 handling of both forwards, the router loss's weight.
+        policy_entropy: also compute the policy's normalised entropy over the completions
+            (``entropy/policy``, and ``entropy/reference`` where the reference's is known):
+            one more pass over each chunk of logits, which the held-out evaluation pays.
 
     Raises:
         ValueError: the objective needs reference values the batch does not carry, or
@@ -112,7 +123,9 @@ def preference_step(
     """
     spec = objective(loss.type)
     coef = router_aux_loss_coef(policy, forward.router_aux_loss_coef)
-    policy_stats, aux_loss = _policy_forward(policy, batch, forward, with_aux_loss=coef != 0.0)
+    policy_stats, aux_loss = _policy_forward(
+        policy, batch, forward, with_aux_loss=coef != 0.0, compute_entropy=policy_entropy
+    )
     # The reference is a constant of the objective: no graph, even when it is the policy's own
     # module (LoRA), whose embedding output may require grad for gradient checkpointing.
     with torch.no_grad(), (reference_context or nullcontext)():
@@ -142,22 +155,50 @@ def preference_step(
     if "ref_chosen_logps" in reference:
         ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
         metrics["reference/accuracies"] = (ref_margin > 0).float().mean()
-    return StepResult(value, metrics, batch["attention_mask"].sum())
+    per_pair = _per_pair(loss, pairs, policy_stats, reference)
+    if policy_entropy:
+        metrics["entropy/policy"] = per_pair["policy_hn"].mean()
+        if "reference_hn" in per_pair:
+            metrics["entropy/reference"] = per_pair["reference_hn"].mean()
+    return StepResult(value, metrics, batch["attention_mask"].sum(), per_pair)
+
+
+def _per_pair(
+    loss: LossConfig,
+    pairs: PreferenceBatch,
+    policy_stats: SequenceStats,
+    reference: Mapping[str, Tensor],
+) -> dict[str, Tensor]:
+    """:attr:`StepResult.per_pair` of the batch."""
+    reward_chosen, reward_rejected = implicit_rewards(loss, pairs)
+    values = {"reward_chosen": reward_chosen, "reward_rejected": reward_rejected}
+    if "ref_hn_chosen" in reference:
+        hn = (reference["ref_hn_chosen"].float() + reference["ref_hn_rejected"].float()) / 2
+        values["reference_hn"] = hn.detach()
+    if policy_stats.hn is not None:
+        hn_chosen, hn_rejected = split_pairs(policy_stats.hn.detach().float())
+        values["policy_hn"] = (hn_chosen + hn_rejected) / 2
+    return values
 
 
 def _policy_forward(
-    policy: nn.Module, batch: Mapping[str, Tensor], forward: ForwardSettings, with_aux_loss: bool
+    policy: nn.Module,
+    batch: Mapping[str, Tensor],
+    forward: ForwardSettings,
+    with_aux_loss: bool,
+    compute_entropy: bool,
 ) -> tuple[SequenceStats, Tensor | None]:
-    """The policy's summed completion log-probs and, ``with_aux_loss``, its router
-    load-balancing loss from the same forward (else None)."""
+    """The policy's summed completion log-probs (with ``compute_entropy`` also Hn) and, with
+    ``with_aux_loss``, its router load-balancing loss from the same forward (else None)."""
     settings = {
         "chunk_size": forward.chunk_size,
+        "compute_entropy": compute_entropy,
         "partitioned_head": forward.partitioned_head,
         "padding_free": forward.padding_free,
     }
     if with_aux_loss:
         return sequence_stats_and_aux_loss(policy, batch, **settings)
-    return sequence_stats(policy, batch, compute_entropy=False, **settings), None
+    return sequence_stats(policy, batch, **settings), None
 
 
 def _reference_values(

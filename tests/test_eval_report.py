@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.stats
+from synthetic_runs import write_heldout_pairs, write_metrics
 
 from raypo.cli import main as cli_main
 from raypo.config import RaypoConfig, config_from_dict, save_config
@@ -31,6 +32,9 @@ from raypo.train.export import export_strength, strength_summary
 
 ALL_PLOTS = (
     "training_curves.png",
+    "policy_dynamics.png",
+    "dispersion_buckets.png",
+    "implicit_rewards.png",
     "dispersion.png",
     "mixdpo_beta.png",
     "rewards.png",
@@ -59,18 +63,20 @@ def _config(run: Path, loss_type: str, reference_mode: str = "precomputed") -> R
     )
 
 
-def _metrics(run: Path) -> None:
-    rows = []
-    for step in range(1, 9):
-        row: dict[str, Any] = {"step": step, "epoch": 0, "time": 1.7e9 + 10 * step}
-        row.update({"loss": 0.69 - 0.01 * step, "rewards/accuracies": 0.5 + 0.03 * step})
-        row.update({"rewards/margins": 0.02 * step, "mixdpo/cv": 0.5 + 0.01 * step})
-        rows.append(row)
-        if step % 4 == 0:
-            held_out = {"eval/loss": 0.7 - 0.01 * step, "eval/rewards/accuracies": 0.5625}
-            held_out.update({"eval/reference/accuracies": 0.625, "eval/pairs": 16.0})
-            rows.append({"step": step, "epoch": 0, "time": 1.7e9 + 10 * step + 5, **held_out})
-    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+FINAL_MARGINS = [0.3, -0.1, 0.2, 0.2, -0.4, 0.1, 0.5, 0.3, 0.0, -0.2]
+"""Held-out margins of pairs p0..p9 at the last evaluation (step 8): two per quintile of
+synthetic_runs.REFERENCE_HN. Per quintile (accuracy: margins > 0; s.e. = sample std / sqrt 2 =
+|a - b| / 2): Q1 50%, mean 0.1, s.e. 0.2; Q2 100%, 0.2, 0; Q3 50%, -0.15, 0.25; Q4 100%, 0.4,
+0.1; Q5 0% (a zero margin is not a win), -0.1, 0.1."""
+
+QUINTILES = [
+    ("0.100-0.200", 0.5, 0.1, 0.2),
+    ("0.300-0.400", 1.0, 0.2, 0.0),
+    ("0.500-0.600", 0.5, -0.15, 0.25),
+    ("0.700-0.800", 1.0, 0.4, 0.1),
+    ("0.900-1.000", 0.0, -0.1, 0.1),
+]
+"""(Hn(x) range, accuracy, mean margin, its standard error) per quintile of FINAL_MARGINS."""
 
 
 def _reference_pass(config: RaypoConfig, name: str | None = None) -> dict[str, np.ndarray]:
@@ -145,7 +151,8 @@ def full_run(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     run = tmp_path / "run"
     config = _config(run, "mixdpo")
     save_config(config, run / "config.yaml")
-    _metrics(run)
+    write_metrics(run)
+    write_heldout_pairs(run, {4: [0.0] * 10, 8: FINAL_MARGINS})
     hn_pairs = _reference_pass(config)
     export_strength(StrengthDistribution("lognormal", mean=0.1, cv=0.7), run / "final")
     _eval_files(run / "eval", "test-org/reward", GROUPS)
@@ -199,6 +206,24 @@ def test_full_report_has_every_plot_and_the_numbers(full_run: tuple[Path, Any]) 
         assert f"{split} {float(np.mean(-0.29 * np.log(hn))):.4g}" in text
     assert _section(text, "Missing").strip() == "Nothing."
     _check_group_table(text)
+    _check_quintile_table(text)
+    # The last held-out evaluation's entropy 0.5 - 0.01 * 8 and the reference's 0.55.
+    assert (
+        "| Policy entropy Hn on the held-out completions | 0.42 (step 8; reference 0.55) |" in text
+    )
+    assert "| Mean tokens of the completions sampled during training | 28 (step 8) |" in text
+
+
+def _check_quintile_table(text: str) -> None:
+    """One row per quintile with the numbers worked out in FINAL_MARGINS' docstring."""
+    rows = _table_rows(text, "| quintile | Hn(x) range | pairs |")
+    assert [row[0] for row in rows] == ["Q1", "Q2", "Q3", "Q4", "Q5"]
+    for row, (hn_range, accuracy, margin, sem) in zip(rows, QUINTILES, strict=True):
+        assert row[1:3] == [hn_range, "2"]
+        assert float(row[3].rstrip("%")) / 100 == pytest.approx(accuracy)
+        mean, _, error = row[4].partition(" ± ")
+        assert float(mean) == pytest.approx(margin, abs=1e-12)
+        assert float(error) == pytest.approx(sem, abs=1e-12)
 
 
 def _check_group_table(text: str) -> None:
@@ -278,7 +303,7 @@ def test_cli_report_lists_missing_inputs_and_rejects_bad_run_dirs(
 ) -> None:
     run = tmp_path / "run"
     save_config(_config(run, "dpo", reference_mode="online"), run / "config.yaml")
-    _metrics(run)
+    write_metrics(run, dynamics=False)
     assert cli_main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "eval" / "report.md")
     text = (run / "eval" / "report.md").read_text()

@@ -99,6 +99,39 @@ def test_precomputed_columns_and_online_reference_give_the_same_step(
     assert online.metrics.keys() == stored.metrics.keys()
 
 
+def test_held_out_values_per_pair_equal_an_independent_float64_computation(
+    models_and_batch,
+) -> None:
+    """policy_entropy=True: per pair r_w, r_l = beta (logp - ref) and Hn(x) = (Hn(y_w) +
+    Hn(y_l)) / 2 of policy and reference, as the held-out evaluation records them; the
+    entropy/* metrics are their means. Without it the policy's Hn is neither computed nor given."""
+    policy, reference, columns, pad = models_and_batch
+    config = LossConfig(type="dpo", beta=0.5)
+    batch = collate_pairs(columns, pad)
+    with torch.no_grad():
+        result = preference_step(
+            policy, batch, config, reference_model=reference, policy_entropy=True
+        )
+        plain = preference_step(policy, batch | reference_columns(reference, batch), config)
+    pol, pol_hn = _float64_stats(policy, columns)
+    ref, ref_hn = _float64_stats(reference, columns)
+    size = len(columns["prompt_ids"])
+    values = {name: value.double().numpy() for name, value in result.per_pair.items()}
+    # fp32 sums of some hundred log-probs of about -10 nats each: ~1e-4 absolute error.
+    np.testing.assert_allclose(values["reward_chosen"], 0.5 * (pol - ref)[:size], atol=1e-4)
+    np.testing.assert_allclose(values["reward_rejected"], 0.5 * (pol - ref)[size:], atol=1e-4)
+    # An online reference computes its entropies only for objectives that use the dispersion.
+    assert "reference_hn" not in values
+    policy_hn = (pol_hn[:size] + pol_hn[size:]) / 2
+    np.testing.assert_allclose(values["policy_hn"], policy_hn, atol=1e-6)
+    assert float(result.metrics["entropy/policy"]) == pytest.approx(policy_hn.mean(), abs=1e-6)
+    # Precomputed columns carry the reference's entropies whatever the objective.
+    reference_hn = plain.per_pair["reference_hn"].double().numpy()
+    np.testing.assert_allclose(reference_hn, (ref_hn[:size] + ref_hn[size:]) / 2, atol=1e-6)
+    assert "policy_hn" not in plain.per_pair and "entropy/policy" not in plain.metrics
+    assert float(result.loss) == pytest.approx(float(plain.loss), rel=1e-6)
+
+
 def test_a_batch_without_the_reference_columns_is_refused(models_and_batch) -> None:
     policy, _, columns, pad = models_and_batch
     with pytest.raises(ValueError, match="ref_hn_chosen"):

@@ -16,6 +16,7 @@ from raypo.config import load_config
 from raypo.data.pipeline import read_split
 from raypo.data.prepare import prepare
 from raypo.data.tiny_fit import fit_reference
+from raypo.eval.report import build_report
 from raypo.generation import SamplingSettings
 from raypo.models import load_policy, load_tokenizer, resolve_model_path
 from raypo.run_layout import ExportLayout, RunLayout
@@ -90,6 +91,7 @@ def test_mallows_theta_trains_logs_checkpoints_and_exports_under_zero3(
     assert TRL_NAMES | {"dispersion/mean", "dispersion/std"} <= set(metrics[-1])
     assert metrics[-1]["eval/pairs"] > 0 and "eval/rewards/accuracies" in metrics[-1]
     _check_generation_eval(result.run_path, result.final_dir, metrics)
+    _check_held_out_pairs(result.run_path, metrics)
     checkpoints = [
         p for p in (RunLayout(result.run_path).ray / config.name).glob("checkpoint_*") if p.is_dir()
     ]
@@ -108,6 +110,32 @@ def test_mallows_theta_trains_logs_checkpoints_and_exports_under_zero3(
     assert tokenizer.pad_token_id is not None
     saved = json.loads((result.run_path / "data_summary.json").read_text())
     assert saved["total"] == 48
+
+
+def _check_held_out_pairs(run_path: Path, metrics: list[dict]) -> None:
+    """Both ranks' held-out pairs at steps 2 and 4, each once, with rewards and entropies whose
+    means are the logged eval/* means (pairs weigh equally in both; float32 values of rewards
+    of a few nats and of Hn below 1: 1e-5 and 1e-6 absolute); the report reads them."""
+    lines = [
+        json.loads(line) for line in RunLayout(run_path).heldout_pairs.read_text().splitlines()
+    ]
+    held_out = sorted(
+        str(row["id"]) for row in read_split(RunLayout(run_path).prepared_split("eval")).take_all()
+    )
+    evals = {m["step"]: m for m in metrics if "eval/pairs" in m}
+    assert sorted(evals) == [2, 4]
+    for step, logged in evals.items():
+        rows = [line for line in lines if line["step"] == step]
+        assert sorted(row["id"] for row in rows) == held_out
+        margins = [row["reward_chosen"] - row["reward_rejected"] for row in rows]
+        assert logged["eval/rewards/margins"] == pytest.approx(sum(margins) / len(rows), abs=1e-5)
+        for name, column in (("policy", "policy_hn"), ("reference", "reference_hn")):
+            mean = sum(row[column] for row in rows) / len(rows)
+            assert logged[f"eval/entropy/{name}"] == pytest.approx(mean, abs=1e-6)
+    text = build_report(run_path).read_text()
+    for plot in ("policy_dynamics.png", "dispersion_buckets.png", "implicit_rewards.png"):
+        assert f"](plots/{plot})" in text, plot
+    assert "| Q1 |" in text and "Policy entropy over training" not in text
 
 
 def _check_generation_eval(run_path: Path, final_dir: Path, metrics: list[dict]) -> None:

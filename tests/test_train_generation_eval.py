@@ -15,12 +15,12 @@ from raypo.generation import SamplingSettings
 from raypo.models import load_policy, resolve_model_path
 from raypo.train.generation_eval import (
     GenerationPrompt,
-    append_generations,
     generation_metrics,
     rank_share,
     run_generation_eval,
     select_prompts,
 )
+from raypo.train.records import append_records
 
 TEXTS = [
     "\n\nHuman: How do I bake bread?\n\nAssistant:",
@@ -119,8 +119,8 @@ def test_completions_do_not_depend_on_the_worker_split(tiny_policy, temperature:
 
 def test_generations_file_gets_one_line_per_completion(tmp_path) -> None:
     path = tmp_path / "run" / "generations.jsonl"
-    append_generations(path, 2, [{"id": "a", "completion": "x"}])
-    append_generations(path, 4, [{"id": "a", "completion": "y"}, {"id": "b", "completion": "z"}])
+    append_records(path, 2, [{"id": "a", "completion": "x"}])
+    append_records(path, 4, [{"id": "a", "completion": "y"}, {"id": "b", "completion": "z"}])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(line["step"], line["completion"]) for line in lines] == [
         (2, "x"),

@@ -205,3 +205,138 @@ def group_bars(
     axis.set_ylabel("accuracy (chosen ranked above rejected)")
     axis.legend(fontsize="small")
     return _save(figure, path)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One curve of a :class:`LinePanel`."""
+
+    label: str
+    points: Series
+    color: int
+    """Index into matplotlib's colour cycle (``C0``, ``C1``, ...): one colour per run."""
+    linestyle: str = "-"
+    """matplotlib's line style: ``--`` for a reference level, which is not measured."""
+    marker: str = "o"
+    """Point marker; empty for a dense curve (training batches, a reference level)."""
+
+
+@dataclass(frozen=True)
+class LinePanel:
+    """A panel of curves over optimizer steps."""
+
+    title: str
+    ylabel: str
+    lines: Sequence[Line]
+
+
+def line_panels(panels: Sequence[LinePanel], title: str, path: Path) -> Path:
+    """Panels side by side, each with its curves, the legend below each panel."""
+    figure, axes = _figure(len(panels), height=4.4)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        for line in panel.lines:
+            steps, values = line.points
+            axis.plot(
+                steps,
+                values,
+                color=f"C{line.color}",
+                linestyle=line.linestyle,
+                marker=line.marker or None,
+                markersize=3,
+                label=line.label,
+            )
+        axis.set_title(panel.title, fontsize="medium")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(panel.ylabel)
+        axis.grid(alpha=0.3)
+        # Below the axes: inside, the legend hides parts of short, noisy curves.
+        axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+@dataclass(frozen=True)
+class HistogramPanel:
+    """A panel of overlaid histograms sharing one set of bins."""
+
+    title: str
+    xlabel: str
+    samples: Mapping[str, np.ndarray]
+    """Legend label -> values; drawn in colour order C0, C1, ... unless ``colors`` says."""
+    colors: Sequence[int] | None = None
+    """Colour-cycle index of each entry of ``samples``; None = 0, 1, 2, ..."""
+    zero_line: bool = False
+    """Mark x = 0 (the sign of a margin decides the ranking)."""
+
+
+def histogram_panels(panels: Sequence[HistogramPanel], title: str, path: Path) -> Path:
+    """Overlaid step-outlined, lightly filled histograms with each sample's mean dashed."""
+    figure, axes = _figure(len(panels), height=4.2)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        bins = np.histogram_bin_edges(np.concatenate(list(panel.samples.values())), bins=30)
+        colors = panel.colors or range(len(panel.samples))
+        for color, (label, values) in zip(colors, panel.samples.items(), strict=True):
+            mean = float(np.mean(values))
+            kwargs = {"bins": bins, "color": f"C{color}"}
+            axis.hist(values, alpha=0.25, **kwargs)
+            axis.hist(
+                values, histtype="step", linewidth=1.5, label=f"{label} (n={len(values)})", **kwargs
+            )
+            axis.axvline(mean, color=f"C{color}", linestyle="--", label=f"mean {mean:.3g}")
+        if panel.zero_line:
+            axis.axvline(0.0, color="black", linewidth=0.8)
+        axis.set_title(panel.title, fontsize="medium")
+        axis.set_xlabel(panel.xlabel)
+        axis.set_ylabel("pairs")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+@dataclass(frozen=True)
+class BucketBars:
+    """One run's accuracy and mean margin per dispersion bucket (None: an empty bucket)."""
+
+    label: str
+    accuracy: Sequence[float | None]
+    margin: Sequence[float | None]
+    margin_sem: Sequence[float | None]
+    """Standard error of each mean margin (None: not computable, drawn without a bar)."""
+    pairs: Sequence[int]
+    color: int = 0
+
+
+def bucket_bars(runs: Sequence[BucketBars], ticks: Sequence[str], title: str, path: Path) -> Path:
+    """Two panels of grouped bars, one group per bucket and one bar per run: implicit-reward
+    accuracy (labelled with its pair count, chance marked) and mean margin with its standard
+    error."""
+    figure, axes = _figure(2, width=max(5.2, 1.1 * len(ticks) * max(1, len(runs)) ** 0.5 + 1.5))
+    positions = np.arange(len(ticks))
+    width = 0.8 / len(runs)
+    accuracy_axis, margin_axis = axes[0]
+    for index, run in enumerate(runs):
+        offsets = positions - 0.4 + width * (index + 0.5)
+        accuracy = [np.nan if value is None else value for value in run.accuracy]
+        bars = accuracy_axis.bar(offsets, accuracy, width, color=f"C{run.color}", label=run.label)
+        counts = [f"n={count}" for count in run.pairs]
+        accuracy_axis.bar_label(bars, labels=counts, fontsize="x-small", padding=1)
+        margin = [np.nan if value is None else value for value in run.margin]
+        errors = [0.0 if value is None else value for value in run.margin_sem]
+        margin_axis.bar(
+            offsets, margin, width, yerr=errors, capsize=3, color=f"C{run.color}", label=run.label
+        )
+    accuracy_axis.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
+    accuracy_axis.set_ylim(0, 1.12)
+    accuracy_axis.set_ylabel("accuracy (chosen reward > rejected)")
+    accuracy_axis.set_title("Held-out implicit-reward accuracy", fontsize="medium")
+    margin_axis.axhline(0.0, color="black", linewidth=0.8)
+    margin_axis.set_ylabel("mean reward margin ± s.e.")
+    margin_axis.set_title("Held-out implicit-reward margin", fontsize="medium")
+    for axis in (accuracy_axis, margin_axis):
+        axis.set_xticks(positions, list(ticks), fontsize="small")
+        axis.set_xlabel("reference entropy Hn(x) quintile (low Hn = low dispersion)")
+        axis.grid(alpha=0.3, axis="y")
+        axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2)
+    figure.suptitle(title)
+    return _save(figure, path)

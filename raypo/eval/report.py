@@ -1,19 +1,21 @@
 """The run report: ``RUN_DIR/eval/report.md`` with PNG plots, rebuilt from the files a run saved.
 
 Inputs (each optional except the resolved config): ``metrics.jsonl`` (training curves, the
-reference's likelihood accuracy), the reference pass Parquet (``ref_hn_*`` columns -> the
-dispersion weight w(x)), ``final/mixdpo_strength.json`` (the learned beta distribution),
-``eval/results.json`` and ``eval/samples.jsonl`` written by ``raypo eval`` (summary numbers,
-reward histograms, the per-group table). Whatever is absent becomes an entry of the report's
-"Missing" section with the reason, never a made-up number. ``raypo report RUN_DIR`` calls
-:func:`main`; ``raypo eval`` calls :func:`build_report` after writing its results.
+reference's likelihood accuracy, the policy's entropy and the length of its sampled completions
+over training), ``heldout_pairs.jsonl`` (accuracy and margin per dispersion quintile, implicit
+reward distributions), the reference pass Parquet (``ref_hn_*`` columns -> the dispersion weight
+w(x)), ``final/mixdpo_strength.json`` (the learned beta distribution), ``eval/results.json`` and
+``eval/samples.jsonl`` written by ``raypo eval`` (summary numbers, reward histograms, the
+per-group table). Whatever is absent becomes an entry of the report's "Missing" section with the
+reason, never a made-up number. ``raypo report RUN_DIR`` calls :func:`main` (with two or more run
+directories it writes their comparison, :mod:`raypo.eval.compare`); ``raypo eval`` calls
+:func:`build_report` after writing its results.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,15 +25,35 @@ from typing import Any
 
 import numpy as np
 
-from raypo.config import RaypoConfig, load_config
+from raypo.config import RaypoConfig
 from raypo.eval import plots
+from raypo.eval.compare import (
+    RUN_FIGURES,
+    bucket_table,
+    build_comparison,
+    draw_figures,
+    entropy_cell,
+    label_runs,
+)
+from raypo.eval.run_files import (
+    COMPLETION_TOKENS,
+    METRICS,
+    RESULTS,
+    Figure,
+    RunFiles,
+    kl_text,
+    last,
+    na,
+    no_reward_reason,
+    num,
+    pct,
+    read_json,
+    read_run,
+    series,
+    win_rate_text,
+)
 from raypo.objectives import OBJECTIVES
 from raypo.run_layout import RunLayout
-
-_METRICS = RunLayout(Path()).metrics.name
-"""``metrics.jsonl``, as the report's messages name it."""
-_RESULTS = RunLayout(Path()).eval_results.name
-"""``results.json``, as the report's messages name it."""
 
 _CURVES = (
     ("Loss", "loss", {"train": "loss", "held-out": "eval/loss"}),
@@ -54,86 +76,29 @@ _CURVES = (
 """(panel title, y label, {series label: metric name}) of training_curves.png."""
 
 
-@dataclass(frozen=True)
-class Figure:
-    """One embedded plot of the report."""
-
-    title: str
-    file: str
-    """Path relative to report.md."""
-    caption: str
-
-
 @dataclass
 class _Report:
     """What the report accumulates while its sections are built (figures, tables, gaps)."""
 
     figures: list[Figure] = field(default_factory=list)
     group_table: list[str] = field(default_factory=list)
+    bucket_table: list[str] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """The saved files of one run, read once."""
-
-    layout: RunLayout
-    config: RaypoConfig
-    metrics: list[dict[str, Any]]
-    results: dict[str, Any] | None
-    samples: list[dict[str, Any]] | None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        problem = f"{path}: not valid JSON ({error}); rerun the step that wrote it"
-        raise ValueError(problem) from None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def _series(metrics: list[dict[str, Any]], name: str) -> plots.Series:
-    """(steps, values) of ``name`` over the records that logged a finite value of it."""
-    points = [(row["step"], row[name]) for row in metrics if row.get(name) is not None]
-    return [step for step, _ in points], [value for _, value in points]
-
-
-def _last(metrics: list[dict[str, Any]], name: str) -> tuple[int, float] | None:
-    """(step, value) of the last record with a value of ``name``."""
-    steps, values = _series(metrics, name)
-    return (steps[-1], values[-1]) if steps else None
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-def _num(value: float) -> str:
-    return f"{value:.4g}"
-
-
-def _na(reason: str) -> str:
-    return f"n/a ({reason})"
-
-
-def _training_curves(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+def _training_curves(inputs: RunFiles, plots_dir: Path, report: _Report) -> None:
     if not inputs.metrics:
-        report.missing.append(("Training curves", f"no {_METRICS} in {inputs.layout.root}"))
+        report.missing.append(("Training curves", f"no {METRICS} in {inputs.layout.root}"))
         return
     panels = []
     for title, ylabel, names in _CURVES:
-        series = {label: _series(inputs.metrics, name) for label, name in names.items()}
+        series = {label: series(inputs.metrics, name) for label, name in names.items()}
         series = {label: points for label, points in series.items() if points[0]}
         if series:
             panels.append(plots.Panel(title, ylabel, series))
     if not panels:
-        reason = f"{_METRICS} has no loss, rewards/accuracies or rewards/margins values"
+        reason = f"{METRICS} has no loss, rewards/accuracies or rewards/margins values"
         report.missing.append(("Training curves", reason))
         return
     path = plots.training_curves(panels, plots_dir / "training_curves.png")
@@ -171,7 +136,7 @@ def _reference_directory(config: RaypoConfig, run_path: Path) -> tuple[Path | No
     return None, f"{why} (found {len(complete)} complete passes)"
 
 
-def _dispersion_weights(inputs: _Inputs, report: _Report) -> dict[str, np.ndarray] | None:
+def _dispersion_weights(inputs: RunFiles, report: _Report) -> dict[str, np.ndarray] | None:
     """w(x) per split from the reference pass, or None after noting why in ``report``."""
     import pyarrow.parquet as pq
     import torch
@@ -205,7 +170,7 @@ def _dispersion_weights(inputs: _Inputs, report: _Report) -> dict[str, np.ndarra
     return weights
 
 
-def _dispersion(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+def _dispersion(inputs: RunFiles, plots_dir: Path, report: _Report) -> None:
     weights = _dispersion_weights(inputs, report)
     if weights is None:
         return
@@ -213,7 +178,7 @@ def _dispersion(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
     path = plots.dispersion_histogram(weights, loss.dispersion_scale, plots_dir / "dispersion.png")
     used = OBJECTIVES[loss.type].uses_dispersion
     role = "the weight the loss applied to each pair" if used else f"not used by loss {loss.type}"
-    means = ", ".join(f"{split} {_num(float(np.mean(w)))}" for split, w in weights.items())
+    means = ", ".join(f"{split} {num(float(np.mean(w)))}" for split, w in weights.items())
     caption = (
         f"Distribution of the MallowsPO dispersion weight w(x) = -c ln Hn(x) (c = "
         f"{loss.dispersion_scale:g}) over the {' and '.join(weights)} pairs, from the reference "
@@ -224,7 +189,7 @@ def _dispersion(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
     )
 
 
-def _strength(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+def _strength(inputs: RunFiles, plots_dir: Path, report: _Report) -> None:
     loss = inputs.config.loss
     title = "Learned MixDPO beta distribution"
     if not OBJECTIVES[loss.type].learns_strength:
@@ -234,40 +199,21 @@ def _strength(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
     if not source.is_file():
         report.missing.append((title, f"no {source} (training did not finish?)"))
         return
-    strength = _read_json(source)
-    cv = _series(inputs.metrics, "mixdpo/cv")
+    strength = read_json(source)
+    cv = series(inputs.metrics, "mixdpo/cv")
     path = plots.strength_plot(
         strength, cv if cv[0] else None, loss.beta, plots_dir / "mixdpo_beta.png"
     )
     caption = (
         f"Density of the {strength['family']} distribution of the preference strength beta "
-        f"learned by MixDPO (mean {_num(strength['moments']['mean'])}, CV "
-        f"{_num(strength['moments']['cv'])})"
+        f"learned by MixDPO (mean {num(strength['moments']['mean'])}, CV "
+        f"{num(strength['moments']['cv'])})"
         + (", and its coefficient of variation over training." if cv[0] else ".")
     )
     report.figures.append(Figure(title, f"{plots_dir.name}/{path.name}", caption))
 
 
-def _win_rate_text(results: Mapping[str, Any] | None) -> str:
-    if results is None:
-        return _na(f"no {_RESULTS}: run `raypo eval`")
-    win = results["win_rate"]
-    if win is None:
-        return _na(_no_reward_reason(results))
-    level = round(100 * win["confidence_level"])
-    return (
-        f"{_pct(win['value'])} ({level}% CI {_pct(win['ci_low'])} to {_pct(win['ci_high'])}; "
-        f"ties {_pct(win['ties'])}; {win['num_pairs']} pairs)"
-    )
-
-
-def _no_reward_reason(results: Mapping[str, Any]) -> str:
-    if results["reward_model"] is None:
-        return "no reward model configured (eval.reward_model is null)"
-    return f"the reward model {results['reward_model']} produced no scores"
-
-
-def _rewards(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+def _rewards(inputs: RunFiles, plots_dir: Path, report: _Report) -> None:
     title = "Reward distributions"
     if inputs.results is None or inputs.samples is None:
         layout = inputs.layout
@@ -280,11 +226,11 @@ def _rewards(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
         if row["policy_reward"] is not None and row["baseline_reward"] is not None
     ]
     if not scored:
-        report.missing.append((title, _no_reward_reason(inputs.results)))
+        report.missing.append((title, no_reward_reason(inputs.results)))
         return
     policy, baseline = (np.asarray(side, dtype=np.float64) for side in zip(*scored, strict=True))
     heading = f"Reward-model scores, policy vs {inputs.results['baseline']}"
-    heading += f"\nwin rate {_win_rate_text(inputs.results)}"
+    heading += f"\nwin rate {win_rate_text(inputs.results)}"
     path = plots.reward_histograms(policy, baseline, heading, plots_dir / "rewards.png")
     caption = (
         f"Reward-model scores of the policy's and the baseline's completions for the same "
@@ -294,13 +240,13 @@ def _rewards(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
 
 
 def _group_row(name: str, stats: Mapping[str, Any]) -> str:
-    accuracy = "n/a (no pairs)" if stats["accuracy"] is None else _pct(stats["accuracy"])
-    margin = "n/a (no pairs)" if stats["margin_mean"] is None else _num(stats["margin_mean"])
-    spread = "n/a (no pairs)" if stats["margin_std"] is None else _num(stats["margin_std"])
+    accuracy = "n/a (no pairs)" if stats["accuracy"] is None else pct(stats["accuracy"])
+    margin = "n/a (no pairs)" if stats["margin_mean"] is None else num(stats["margin_mean"])
+    spread = "n/a (no pairs)" if stats["margin_std"] is None else num(stats["margin_std"])
     return f"| {name} | {stats['pairs']} | {accuracy} | {margin} | {spread} |"
 
 
-def _groups(inputs: _Inputs, plots_dir: Path, report: _Report) -> None:
+def _groups(inputs: RunFiles, plots_dir: Path, report: _Report) -> None:
     if inputs.results is None:
         reason = f"no {inputs.layout.eval_results}: run `raypo eval`"
         report.missing.append(("Per-group table", reason))
@@ -334,52 +280,44 @@ def _side_pair(results: Mapping[str, Any], key: str) -> str:
     """``policy / baseline`` of one generation statistic."""
     generation = results["generation"]
     values = [generation[side][key] for side in ("policy", "baseline")]
-    return " / ".join(_na("not computed") if v is None else _num(v) for v in values)
+    return " / ".join(na("not computed") if v is None else num(v) for v in values)
 
 
-def _held_out_accuracy(inputs: _Inputs) -> str:
+def _held_out_accuracy(inputs: RunFiles) -> str:
     if inputs.results is not None:
         overall = inputs.results["implicit_reward"]["overall"]
         if overall["accuracy"] is not None:
-            return f"{_pct(overall['accuracy'])} ({overall['pairs']} pairs, {_RESULTS})"
-    last = _last(inputs.metrics, "eval/rewards/accuracies")
-    if last is None:
-        return _na(f"no held-out evaluation in {_METRICS} and no {_RESULTS}")
-    return f"{_pct(last[1])} (step {last[0]}, {_METRICS})"
+            return f"{pct(overall['accuracy'])} ({overall['pairs']} pairs, {RESULTS})"
+    logged = last(inputs.metrics, "eval/rewards/accuracies")
+    if logged is None:
+        return na(f"no held-out evaluation in {METRICS} and no {RESULTS}")
+    return f"{pct(logged[1])} (step {logged[0]}, {METRICS})"
 
 
-def _metric_text(inputs: _Inputs, name: str, fmt: Any) -> str:
-    last = _last(inputs.metrics, name)
-    if last is None:
-        return _na(f"{name} not in {_METRICS}")
-    return f"{fmt(last[1])} (step {last[0]})"
-
-
-def _kl_text(kl: Mapping[str, Any]) -> str:
-    if kl["std_error"] is None:
-        spread = "standard error n/a (one prompt)"
-    else:
-        spread = f"± {_num(kl['std_error'])} standard error"
-    return f"{_num(kl['mean'])} nats per completion ({spread}; {kl['num_samples']} completions)"
+def _metric_text(inputs: RunFiles, name: str, fmt: Any) -> str:
+    logged = last(inputs.metrics, name)
+    if logged is None:
+        return na(f"{name} not in {METRICS}")
+    return f"{fmt(logged[1])} (step {logged[0]})"
 
 
 def _eval_rows(results: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """Summary rows that only ``raypo eval`` can fill."""
     if results is None:
-        absent = _na(f"no {_RESULTS}: run `raypo eval`")
+        absent = na(f"no {RESULTS}: run `raypo eval`")
         return [("Win rate vs baseline", absent), ("KL(policy ‖ reference)", absent)]
     kl, rewards = results["kl"], results["rewards"]
-    kl_text = _na("not computed") if kl is None else _kl_text(kl)
+    kl_cell = na("not computed") if kl is None else kl_text(kl)
     reward_text = (
-        _na(_no_reward_reason(results))
+        na(no_reward_reason(results))
         if rewards is None
-        else f"{_num(rewards['policy']['mean'])} / {_num(rewards['baseline']['mean'])}"
+        else f"{num(rewards['policy']['mean'])} / {num(rewards['baseline']['mean'])}"
     )
     sampling = results["sampling"]
     return [
-        ("Win rate vs baseline", _win_rate_text(results)),
+        ("Win rate vs baseline", win_rate_text(results)),
         ("Mean reward, policy / baseline", reward_text),
-        ("KL(policy ‖ reference)", kl_text),
+        ("KL(policy ‖ reference)", kl_cell),
         ("Mean completion tokens, policy / baseline", _side_pair(results, "mean_tokens")),
         ("distinct-1, policy / baseline", _side_pair(results, "distinct_1")),
         ("distinct-2, policy / baseline", _side_pair(results, "distinct_2")),
@@ -395,31 +333,36 @@ def _eval_rows(results: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     ]
 
 
-def _summary(inputs: _Inputs) -> list[str]:
+def _summary(inputs: RunFiles) -> list[str]:
     rows = [
         ("Held-out implicit-reward accuracy (policy vs reference)", _held_out_accuracy(inputs)),
         (
             "Reference likelihood accuracy (held-out)",
-            _metric_text(inputs, "eval/reference/accuracies", _pct),
+            _metric_text(inputs, "eval/reference/accuracies", pct),
         ),
-        ("Final training loss", _metric_text(inputs, "loss", _num)),
-        ("Final held-out loss", _metric_text(inputs, "eval/loss", _num)),
+        ("Final training loss", _metric_text(inputs, "loss", num)),
+        ("Final held-out loss", _metric_text(inputs, "eval/loss", num)),
+        ("Policy entropy Hn on the held-out completions", entropy_cell(inputs)),
+        (
+            "Mean tokens of the completions sampled during training",
+            _metric_text(inputs, COMPLETION_TOKENS, num),
+        ),
         *_eval_rows(inputs.results),
     ]
     return ["| quantity | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
 
 
-def _header(inputs: _Inputs) -> list[str]:
+def _header(inputs: RunFiles) -> list[str]:
     config = inputs.config
     loss, trainer = config.loss, config.trainer
-    last_time = _last(inputs.metrics, "time")
+    last_time = last(inputs.metrics, "time")
     trained = (
         datetime.fromtimestamp(last_time[1], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         if last_time
-        else _na(f"no {_METRICS}")
+        else na(f"no {METRICS}")
     )
-    last_step = _last(inputs.metrics, "step")
-    steps = f"{last_step[1]} logged" if last_step else _na(f"no {_METRICS}")
+    last_step = last(inputs.metrics, "step")
+    steps = f"{last_step[1]} logged" if last_step else na(f"no {METRICS}")
     if trainer.max_steps is not None:
         steps += f" (trainer.max_steps {trainer.max_steps})"
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -445,11 +388,14 @@ def _header(inputs: _Inputs) -> list[str]:
     ]
 
 
-def _markdown(inputs: _Inputs, report: _Report) -> str:
+def _markdown(inputs: RunFiles, report: _Report) -> str:
     lines = [*_header(inputs), "", "## Summary", "", *_summary(inputs), "", "## Plots", ""]
     for figure in report.figures:
         image = f"![{figure.title}]({figure.file})"
         lines += [f"### {figure.title}", "", image, "", figure.caption, ""]
+    if report.bucket_table:
+        title = "## Held-out accuracy and margin by dispersion quintile"
+        lines += [title, "", *report.bucket_table, ""]
     if report.group_table:
         lines += ["## Per-group implicit-reward accuracy (held-out)", "", *report.group_table, ""]
     if report.notes:
@@ -457,22 +403,6 @@ def _markdown(inputs: _Inputs, report: _Report) -> str:
     lines += ["## Missing", ""]
     lines += [f"- **{name}**: {reason}" for name, reason in report.missing] or ["Nothing."]
     return "\n".join(lines) + "\n"
-
-
-def _read_inputs(layout: RunLayout, config: RaypoConfig | None) -> _Inputs:
-    if not layout.config.is_file():
-        raise FileNotFoundError(
-            f"{layout.root} is not a raypo run directory: no {layout.config.name}; pass the "
-            "directory `raypo train` wrote (its run_dir)"
-        )
-    results, samples = layout.eval_results, layout.eval_samples
-    return _Inputs(
-        layout=layout,
-        config=load_config(layout.config) if config is None else config,
-        metrics=_read_jsonl(layout.metrics) if layout.metrics.is_file() else [],
-        results=_read_json(results) if results.is_file() else None,
-        samples=_read_jsonl(samples) if samples.is_file() else None,
-    )
 
 
 def build_report(run_path: Path, config: RaypoConfig | None = None) -> Path:
@@ -484,24 +414,38 @@ def build_report(run_path: Path, config: RaypoConfig | None = None) -> Path:
     "Missing" with the reason. Returns the path of report.md.
     """
     layout = RunLayout(Path(run_path))
-    inputs = _read_inputs(layout, config)
+    inputs = read_run(layout, config)
     report = _Report()
-    for section in (_training_curves, _dispersion, _strength, _rewards, _groups):
+    _training_curves(inputs, layout.eval_plots, report)
+    runs = label_runs([inputs])
+    report.figures += draw_figures(RUN_FIGURES, runs, layout.eval_plots, report.missing)
+    report.bucket_table = bucket_table(runs)
+    for section in (_dispersion, _strength, _rewards, _groups):
         section(inputs, layout.eval_plots, report)
     layout.eval_report.write_text(_markdown(inputs, report), encoding="utf-8")
     return layout.eval_report
 
 
 def main(config: RaypoConfig, args: argparse.Namespace) -> int:
-    """``raypo report RUN_DIR``: rebuild RUN_DIR/eval/report.md; prints its path."""
-    layout = RunLayout(Path(args.run_dir))
-    for required in (layout.config, layout.metrics):
-        if not required.is_file():
-            print(
-                f"raypo report: {layout.root} has no {required.name}; pass a run directory "
-                f"written by `raypo train` (it holds {layout.config.name} and {_METRICS})",
-                file=sys.stderr,
-            )
-            return 1
-    print(build_report(layout.root, config=config))
+    """``raypo report RUN_DIR``: rebuild RUN_DIR/eval/report.md; ``raypo report RUN_A RUN_B
+    ...``: write their comparison (``--out``, default :func:`raypo.eval.compare.default_output`).
+    Prints the path of the report written."""
+    layouts = [RunLayout(Path(run_dir)) for run_dir in args.run_dirs]
+    for layout in layouts:
+        for required in (layout.config, layout.metrics):
+            if not required.is_file():
+                print(
+                    f"raypo report: {layout.root} has no {required.name}; pass a run directory "
+                    f"written by `raypo train` (it holds {layout.config.name} and {METRICS})",
+                    file=sys.stderr,
+                )
+                return 1
+    if len(layouts) > 1:
+        out = None if args.out is None else Path(args.out)
+        print(build_comparison([layout.root for layout in layouts], out))
+    elif args.out is not None:
+        print("raypo report: --out is for a comparison of two or more runs", file=sys.stderr)
+        return 2
+    else:
+        print(build_report(layouts[0].root, config=config))
     return 0

@@ -5,8 +5,9 @@ held-out prompts with the policy being trained (transformers ``generate``, the `
 sampling settings), the texts are gathered on every rank, and the numbers are logged with the
 training metrics as ``eval/gen/*``: mean completion length in tokens, the fraction of completions
 that ended with EOS, distinct-1/2 over all completions, and the seconds the eval took. Rank 0
-appends the completions to ``RUN_DIR/generations.jsonl`` (one line per completion, with its step)
-so that a user can read how the policy's answers change over training.
+appends the completions to ``RUN_DIR/generations.jsonl`` (one line per completion, with its step,
+:func:`raypo.train.records.append_records`) so that a user can read how the policy's answers
+change over training.
 
 Under ZeRO-3 every rank holds a slice of each weight and must take part in every forward pass:
 the shares are padded to equal length (padding prompts are generated and dropped) and
@@ -15,17 +16,15 @@ the shares are padded to equal length (padding prompts are generated and dropped
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from raypo.generation import Generation, SamplingSettings, distinct_n, generate_batch
+from raypo.train.records import gather_records
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,6 @@ def _sample_share(
     return results
 
 
-def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-    if world_size == 1 or not dist.is_initialized():
-        return records
-    gathered: list[list[dict[str, Any]] | None] = [None] * world_size
-    dist.all_gather_object(gathered, records)
-    return [record for part in gathered for record in part or []]
-
-
 def generation_metrics(records: list[dict[str, Any]], seconds: float) -> dict[str, float]:
     """``eval/gen/*`` of all ranks' completions (records as written to generations.jsonl)."""
     texts = [record["completion"] for record in records]
@@ -144,17 +135,9 @@ def run_generation_eval(
         for position, g in generations
         if position < real
     ]
-    gathered = sorted(_gather(records, world_size), key=_order)
+    gathered = sorted(gather_records(records, world_size), key=_order)
     return generation_metrics(gathered, time.perf_counter() - started), gathered
 
 
 def _order(record: dict[str, Any]) -> tuple[str, int]:
     return record["id"], record["sample"]
-
-
-def append_generations(path: Path, step: int, records: list[dict[str, Any]]) -> None:
-    """Append ``records`` to the JSONL file at ``path``, each with ``step``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps({"step": step, **record}) + "\n")

@@ -46,7 +46,8 @@ from raypo.train.checkpoint import (
 )
 from raypo.train.deepspeed_config import deepspeed_config, reference_deepspeed_config
 from raypo.train.export import export_policy, export_strength
-from raypo.train.generation_eval import append_generations, run_generation_eval
+from raypo.train.generation_eval import run_generation_eval
+from raypo.train.records import append_records, gather_records, pair_records
 from raypo.train.schedule import build_scheduler, data_progress
 from raypo.train.worker_plan import StepEvent, WorkerPlan
 
@@ -237,9 +238,9 @@ def build_worker(plan: WorkerPlan) -> Worker:
     )
 
 
-def micro_batch_step(worker: Worker, micro: MicroBatch) -> StepResult:
+def micro_batch_step(worker: Worker, micro: MicroBatch, held_out: bool = False) -> StepResult:
     """:func:`raypo.step.preference_step` of the policy on one collated micro-batch (with grad
-    when grad mode is on)."""
+    when grad mode is on); ``held_out`` also measures the policy's entropy."""
     collated = collate_pairs(micro.rows, worker.tokenizer.pad_token_id)
     batch = {name: value.to(worker.device) for name, value in collated.items()}
     return preference_step(
@@ -250,12 +251,15 @@ def micro_batch_step(worker: Worker, micro: MicroBatch) -> StepResult:
         reference_context=worker.reference_context,
         strength=worker.strength,
         forward=worker.forward,
+        policy_entropy=held_out,
     )
 
 
-def run_micro_step(worker: Worker, micro: MicroBatch) -> StepResult:
+def run_micro_step(worker: Worker, micro: MicroBatch, held_out: bool = False) -> StepResult:
     """The plan's step on one micro-batch (``raypo sft``'s), else :func:`micro_batch_step`."""
-    return (worker.plan.micro_step or micro_batch_step)(worker, micro)
+    if worker.plan.micro_step is not None:
+        return worker.plan.micro_step(worker, micro)
+    return micro_batch_step(worker, micro, held_out)
 
 
 def step_strength(worker: Worker) -> None:
@@ -284,23 +288,31 @@ def evaluate(worker: Worker, step: int) -> dict[str, float]:
     the generation eval's ``eval/gen/*`` when it has prompts."""
     if not worker.plan.has_eval:
         return {}
-    return _pair_eval(worker) | _generation_eval(worker, step)
+    return _pair_eval(worker, step) | _generation_eval(worker, step)
 
 
-def _pair_eval(worker: Worker) -> dict[str, float]:
+def _pair_eval(worker: Worker, step: int) -> dict[str, float]:
+    """The held-out means as ``eval/<name>``; rank 0 appends every pair's values to
+    ``plan.heldout_pairs_path``."""
     shard = ray.train.get_dataset_shard("eval")
     sums = _Sums()
+    records: list[dict[str, Any]] = []
     batches = shard.iter_batches(
         batch_size=worker.config.trainer.per_device_batch_size, batch_format="numpy"
     )
     worker.engine.module.eval()
     for micro in lockstep_batches(batches, consumed=set()):
         with torch.no_grad():
-            result = run_micro_step(worker, micro)
+            result = run_micro_step(worker, micro, held_out=True)
         if micro.real:
             sums.add(result.metrics, len(micro.rows["id"]), result.tokens)
+            records += pair_records(micro.ids, result.per_pair)
     worker.engine.module.train()
     means, pairs, _ = sums.reduce(worker.device)
+    records = gather_records(records, worker.world_size)
+    path = worker.plan.heldout_pairs_path
+    if worker.rank == 0 and path is not None and records:
+        append_records(Path(path), step, records)
     return {f"eval/{name}": value for name, value in means.items()} | {"eval/pairs": pairs}
 
 
@@ -320,7 +332,7 @@ def _generation_eval(worker: Worker, step: int) -> dict[str, float]:
         synced_gpus=config.trainer.zero_stage == 3,
     )
     if worker.rank == 0 and plan.generations_path is not None:
-        append_generations(Path(plan.generations_path), step, records)
+        append_records(Path(plan.generations_path), step, records)
     return metrics
 
 

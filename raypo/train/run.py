@@ -196,6 +196,7 @@ def _worker_plan(
     recipe: Recipe,
 ) -> WorkerPlan:
     counts, trainer = prepared.data.split_counts, config.trainer
+    layout = RunLayout(config.run_path)
     return WorkerPlan(
         config=config,
         total_steps=total_training_steps(counts["train"], trainer, trainer.num_workers),
@@ -203,8 +204,9 @@ def _worker_plan(
         policy_path=resolve_model_path(config.model.name_or_path),
         reference_path=resolve_model_path(config.reference_model_path),
         tokenizer_path=resolve_model_path(config.model.tokenizer_path),
-        final_dir=str(RunLayout(config.run_path).final),
+        final_dir=str(layout.final),
         has_eval=counts["eval"] > 0,
+        heldout_pairs_path=str(layout.heldout_pairs) if counts["eval"] else None,
         step_callbacks=tuple(step_callbacks),
         micro_step=recipe.micro_step,
         **_generation_eval_inputs(config, prepared.split_path("eval"), counts["eval"]),

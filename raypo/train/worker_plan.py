@@ -83,6 +83,9 @@ class WorkerPlan:
     """Held-out prompts sampled at every evaluation (``eval.during_training_num_prompts``)."""
     generations_path: str | None = None
     """File rank 0 appends those completions to; None when there are no prompts."""
+    heldout_pairs_path: str | None = None
+    """File rank 0 appends each held-out evaluation's per-pair values to
+    (:mod:`raypo.train.records`); None when the run has no held-out pairs."""
     step_callbacks: tuple[StepCallback, ...] = ()
     """Run on every worker after each optimizer step, in order."""
     resume_from: str | None = None
