@@ -45,9 +45,55 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+PIPELINE_CONFIGS = {
+    "pythia-2.8b-hh-sft.yaml",
+    "pythia-2.8b-hh.yaml",
+    "pythia-2.8b-hh-mixdpo.yaml",
+    "llama-3-8b-ultrafeedback-mallows.yaml",
+}
+"""The papers' pipelines (cluster/README.md, "The papers' pipelines")."""
+HH_SUBSETS = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"]
+"""Anthropic/hh-rlhf's preference data_dirs (160,800 train pairs together, its default config)."""
+
+
 def test_the_configs_directory_is_not_empty() -> None:
     names = {path.name for path in CONFIG_FILES}
     assert {"quickstart.yaml", "pythia-2.8b-hh.yaml", "llama-3-8b-ultrafeedback.yaml"} <= names
+    assert PIPELINE_CONFIGS <= names
+
+
+def test_the_hh_pipelines_start_from_the_sft_stage_s_export() -> None:
+    """The SFT stage reads the HH data the preference stages read; its ``final/`` is their policy
+    and reference; the MixDPO config reads HH's subsets as groups and scores a win rate."""
+    configs = REPO / "configs"
+    sft = load_config(configs / "pythia-2.8b-hh-sft.yaml")
+    export = str(sft.run_path / "final")
+    mallows = load_config(configs / "pythia-2.8b-hh.yaml")
+    mixdpo = load_config(configs / "pythia-2.8b-hh-mixdpo.yaml")
+    for config in (mallows, mixdpo):
+        assert config.model.name_or_path == config.reference_model_path == export
+        assert config.eval.reward_model is not None
+    assert mallows.data == sft.data and mallows.loss.type == "mallows_theta"
+    assert mixdpo.loss.type == "mixdpo"
+    assert (mixdpo.data.subsets, mixdpo.data.group_field) == (HH_SUBSETS, None)
+    assert dataclasses.replace(mixdpo.data, subsets=[]) == sft.data
+    sweep = load_config(configs / "sweep-pythia-2.8b-hh.yaml")
+    assert sweep.model.name_or_path == f"/mnt/shared/raypo/{sft.name}/final"
+
+
+def test_the_llama_mallows_config_is_the_ultrafeedback_recipe_with_mallows_theta() -> None:
+    configs = REPO / "configs"
+    recipe = load_config(configs / "llama-3-8b-ultrafeedback.yaml")
+    mallows = load_config(configs / "llama-3-8b-ultrafeedback-mallows.yaml")
+    assert (mallows.loss.type, mallows.loss.beta) == ("mallows_theta", recipe.loss.beta)
+    same = dataclasses.replace(
+        mallows,
+        name=recipe.name,
+        loss=recipe.loss,
+        reference=dataclasses.replace(mallows.reference, cache_dir=recipe.reference.cache_dir),
+        eval=dataclasses.replace(mallows.eval, reward_model=recipe.eval.reward_model),
+    )
+    assert same == recipe
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)

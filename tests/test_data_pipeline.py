@@ -12,13 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from raypo.config import load_config
-from raypo.data.pipeline import eval_assignment, read_split
+from raypo.data.pipeline import eval_assignment, prepare_pairs, read_split
 from raypo.data.prepare import prepare
 from raypo.data.validate import DataQualityError
+from raypo.eval.sampling import load_eval_pairs
+from raypo.eval.scorers import implicit_reward, pair_logps
 from raypo.train.run import ingest_config
 
 HH_GZ = Path(__file__).parent / "data" / "hh_harmless_1800.jsonl.gz"
@@ -239,3 +242,71 @@ def test_prepare_command_line(ray_session, hh_jsonl: Path, tmp_path: Path) -> No
     assert re.search(r"raypo prepare: reference pass: \d+ pairs computed", result.stdout)
     # 40 rows in the file, data.max_rows = 30.
     assert json.loads((tmp_path / "cli" / "data_summary.json").read_text())["total"] == 30
+
+
+def test_subsets_reach_the_evaluation_as_groups(ray_session, tmp_path: Path) -> None:
+    """Two local subsets in HH-RLHF's layout (``NAME/train.jsonl``) through the Ray Data
+    pipeline: every held-out pair carries its subset as its group, ids stay distinct, and the
+    evaluation's implicit-reward accuracy of the tiny model comes per group, the groups' pairs
+    adding up to the whole."""
+    lines = gzip.decompress(HH_GZ.read_bytes()).decode().splitlines()
+    subsets = {"helpful-base": lines[:40], "harmless-base": lines[40:70]}
+    for name, part in subsets.items():
+        (tmp_path / "hh" / name).mkdir(parents=True)
+        (tmp_path / "hh" / name / "train.jsonl").write_text("\n".join(part) + "\n")
+    config = _config(
+        tmp_path,
+        tmp_path / "hh",
+        "--data.subsets=helpful-base,harmless-base",
+        "--data.eval_fraction=0.5",
+    )
+    prepared = prepare_pairs(config)
+    assert sorted(prepared.summary.per_source) == sorted(
+        str(tmp_path / "hh" / name / "train.jsonl") for name in subsets
+    )
+    pairs = load_eval_pairs(config)
+    assert len({pair.id for pair in pairs}) == len(pairs) == prepared.split_counts["eval"]
+    groups = [pair.group for pair in pairs]
+    assert set(groups) == set(subsets)
+    rows = {
+        name: [getattr(pair, name) for pair in pairs]
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids")
+    }
+    chosen, rejected = pair_logps("tiny", "fp32", rows, batch_size=16, chunk_size=128)
+    zero = np.zeros(len(pairs))
+    implicit = implicit_reward(chosen, rejected, zero, zero, 0.1, groups)
+    assert sorted(implicit.groups) == sorted(subsets)
+    assert sum(stats.pairs for stats in implicit.groups.values()) == implicit.overall.pairs
+    assert implicit.overall.pairs == len(pairs)
+
+
+def test_sft_data_through_the_pipeline(ray_session, tmp_path: Path) -> None:
+    """Prompt/completion and messages rows prepared for ``raypo sft``: accepted with empty
+    rejected ids, malformed rows in rejects.jsonl at their lines; ``raypo train``'s preparation
+    rejects every such row, naming ``raypo sft``."""
+    user = {"role": "user", "content": "Hi"}
+    reply = {"role": "assistant", "content": "Hello there."}
+    rows = [
+        json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:", "completion": " Hello."}),
+        json.dumps({"messages": [user, reply]}),
+        '{"prompt": "p", "completion":',
+        json.dumps({"messages": [reply, user]}),
+    ] * 3
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    config = _config(tmp_path, path, "--data.schema=auto", "--data.max_reject_fraction=0.6")
+    prepared = prepare_pairs(config, sft=True)
+    assert (prepared.summary.accepted, prepared.summary.rejected) == (6, 6)
+    rejects = [json.loads(line) for line in prepared.rejects_path.read_text().splitlines()]
+    expected = [(n, "malformed_json") for n in (3, 7, 11)]
+    expected += [(n, "invalid_messages") for n in (4, 8, 12)]
+    assert sorted((r["row"], r["reason"]) for r in rejects) == sorted(expected)
+    accepted = [
+        *read_split(prepared.split_path("train")).take_all(),
+        *read_split(prepared.split_path("eval")).take_all(),
+    ]
+    assert all(len(row["rejected_ids"]) == 0 < len(row["chosen_ids"]) for row in accepted)
+    with pytest.raises(DataQualityError, match="missing_field"):
+        prepare_pairs(config)
+    rejects = [json.loads(line) for line in prepared.rejects_path.read_text().splitlines()]
+    assert sum("raypo sft" in r["detail"] for r in rejects) == 9  # all but the malformed lines
