@@ -255,7 +255,9 @@ def rewards_figure(runs: Sequence[LabelledRun], path: Path, missing: Missing) ->
     if len(runs) == 1:
         held_out = usable[0].run.held_out
         sides = {"chosen": held_out.reward_chosen, "rejected": held_out.reward_rejected}
-        panels = [plots.HistogramPanel("Chosen and rejected completions", xlabel, sides), margins]
+        # Green and red: apart from the run's own colour, which its margins keep.
+        both = plots.HistogramPanel("Chosen and rejected completions", xlabel, sides, (2, 3))
+        panels = [both, margins]
     else:
         panels = [
             margins,
@@ -318,6 +320,11 @@ def _logged(run: RunFiles, name: str, fmt: Callable[[float], str]) -> str:
     return na(f"not in {METRICS}") if value is None else f"{fmt(value[1])} (step {value[0]})"
 
 
+def _steps_cell(item: LabelledRun) -> str:
+    logged = last(item.run.metrics, "step")
+    return na(f"no {METRICS}") if logged is None else str(logged[1])
+
+
 def _objective(run: RunFiles) -> str:
     loss = run.config.loss
     text = f"{loss.type}, beta {loss.beta:g}"
@@ -339,7 +346,7 @@ def entropy_cell(run: RunFiles) -> str:
 def _extreme_buckets(item: LabelledRun) -> str:
     usable = _with_buckets([item])
     if not usable:
-        return na("no reference entropies of the held-out pairs")
+        return na("no held-out pairs with the reference's entropies: see Missing")
     buckets = usable[0][1]
     cells = [na("no pairs") if b.accuracy is None else pct(b.accuracy) for b in buckets]
     return f"{cells[0]} / {cells[-1]}"
@@ -356,7 +363,7 @@ def headline_table(runs: Sequence[LabelledRun]) -> list[str]:
     """The headline numbers, one column per run."""
     rows: list[tuple[str, Callable[[LabelledRun], str]]] = [
         ("objective", lambda item: _objective(item.run)),
-        ("steps logged", lambda item: _logged(item.run, "step", str)),
+        ("optimizer steps logged", _steps_cell),
         (
             "held-out implicit-reward accuracy",
             lambda item: _logged(item.run, "eval/rewards/accuracies", pct),

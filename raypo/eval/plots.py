@@ -311,7 +311,7 @@ def bucket_bars(runs: Sequence[BucketBars], ticks: Sequence[str], title: str, pa
     """Two panels of grouped bars, one group per bucket and one bar per run: implicit-reward
     accuracy (labelled with its pair count, chance marked) and mean margin with its standard
     error."""
-    figure, axes = _figure(2, width=max(5.2, 1.1 * len(ticks) * max(1, len(runs)) ** 0.5 + 1.5))
+    figure, axes = _figure(2, width=max(5.0, 0.8 * len(ticks) + 0.6 * len(runs)), height=4.4)
     positions = np.arange(len(ticks))
     width = 0.8 / len(runs)
     accuracy_axis, margin_axis = axes[0]
