@@ -280,7 +280,7 @@ class DataConfig(Section):
         self._require(all(name.strip() for name in names), "subsets", "a name is empty")
         self._require(len(set(names)) == len(names), "subsets", "a name is repeated")
         if names and self.hf_data_dir is not None:
-            problem = "each entry of data.subsets is a data_dir already; set one of the two"
+            problem = "each entry of data.subsets is a data_dir already; set only one of the two"
             raise ConfigError(self._key("hf_data_dir"), self.hf_data_dir, problem)
         if names and self.path.startswith("builtin:"):
             problem = "builtin data has no subsets; set data.subsets []"

@@ -1,6 +1,6 @@
 """One raw row -> a normalised :class:`PreferencePair`, or a :class:`Rejection` saying why not.
 
-Four row shapes (``data.schema``), with the column names of ``data.*_field``:
+Four preference row shapes (``data.schema``), with the column names of ``data.*_field``:
 
 - ``pairs``: prompt, chosen and rejected strings.
 - ``hh``: chosen and rejected each a whole raw dialogue (``\\n\\nHuman: ...\\n\\nAssistant: ...``),
@@ -32,13 +32,14 @@ Two shapes hold one completion and are read only for ``raypo sft`` (``sft=True``
   it: the loss covers the last assistant turn only, where TRL's ``assistant_only_loss`` covers
   every assistant turn (and TRL's default the whole conversation).
 
-Read for SFT, a pair keeps its chosen completion only (``rejected`` None): it served to find the
-prompt of hh and implicit rows, and SFT never trains on it.
+Read for SFT, a pair keeps its chosen completion only (``rejected`` None): SFT never trains on
+the rejected one, which only serves to find the prompt of hh and implicit rows.
 
 ``auto`` decides per row, from the row alone, so that any shard of a file gives the same result:
-no chosen and no rejected field -> messages when the row has the messages field, else completion;
-a message list in any of the three fields -> conversational; else a prompt -> pairs; else hh when
-chosen and rejected both hold ``\\n\\nAssistant:``, else implicit.
+no chosen and no rejected field -> messages when the row has the messages field, else completion
+when it has the completion field; otherwise a message list in any of the three fields ->
+conversational; else a prompt -> pairs; else hh when chosen and rejected both hold
+``\\n\\nAssistant:``, else implicit.
 """
 
 from __future__ import annotations
