@@ -420,6 +420,7 @@ class RaypoConfig(Section):
             raise ConfigError("reference.cache_dir", self.reference.cache_dir, problem)
         self._check_reference()
         self._check_device()
+        self._check_quantization()
         if self.eval.during_training_num_prompts and not self.trainer.eval_steps:
             problem = "runs at every trainer.eval_steps, which is 0: set trainer.eval_steps > 0"
             num_prompts = self.eval.during_training_num_prompts
@@ -451,6 +452,36 @@ class RaypoConfig(Section):
         if self.model.attn_implementation == "flash_attention_2":
             problem = "needs trainer.use_gpu true; on CPU use sdpa or eager"
             raise ConfigError("model.attn_implementation", "flash_attention_2", problem)
+
+    def _check_quantization(self) -> None:
+        """What QLoRA (``model.lora.load_in_4bit``) needs of the other sections, GPUs first:
+        bitsandbytes' 4-bit layers compute on CUDA GPUs only. Whether bitsandbytes is installed
+        is :func:`raypo.preflight.check_inputs`' question."""
+        if not self.model.lora.load_in_4bit:
+            return
+        key = "model.lora.load_in_4bit"
+        if not self.trainer.use_gpu:
+            problem = (
+                "needs trainer.use_gpu true: bitsandbytes' 4-bit layers compute on CUDA GPUs. "
+                "Without GPUs train plain LoRA (model.lora.load_in_4bit false) in bf16 or fp32"
+            )
+            raise ConfigError(key, True, problem)
+        if self.trainer.zero_stage == 3:
+            # ZeRO-3 would shard the 4-bit weights, which needs them stored in the model's dtype
+            # (bnb_4bit_quant_storage) and created inside DeepSpeed's zero.Init, as PEFT's
+            # recipe does; raypo loads the model whole first and partitions it after.
+            problem = (
+                "does not work with trainer.zero_stage 3 here: use zero_stage 2 (or 0 / 1); "
+                "the 4-bit base is small enough to sit whole on every GPU (5.7 GB for an 8B "
+                "model), and only the adapters' gradients and optimizer state need sharding"
+            )
+            raise ConfigError(key, True, problem)
+        if self.reference.mode == "precomputed" and not self.reference.gpus_per_actor:
+            problem = (
+                "is 0 with model.lora.load_in_4bit: the precomputed reference is the 4-bit base, "
+                "which runs on GPUs; set reference.gpus_per_actor 1 (or reference.mode online)"
+            )
+            raise ConfigError("reference.gpus_per_actor", self.reference.gpus_per_actor, problem)
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from raypo.config_inputs import TINY_MODEL
-from raypo.lora import adapter_base, is_adapter_dir, merge_adapter
+from raypo.lora import adapter_base, four_bit_loading, is_adapter_dir, merge_adapter
 
 TINY_NAME = TINY_MODEL
 """The ``model.name_or_path`` value that selects the embedded tiny model."""
@@ -372,6 +372,7 @@ def load_policy(
     *,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in ``dtype`` (``fp32`` | ``bf16`` | ``fp16``).
 
@@ -382,6 +383,8 @@ def load_policy(
     ``ModelConfig.load_kwargs`` gives all three. The model's ``config.pad_token_id`` is set to
     the tokenizer's pad id when it has none. A PEFT adapter directory (a LoRA run's
     ``final/adapter``) loads as its base model with the adapter merged in (needs ``peft``).
+    ``load_in_4bit`` (``model.lora.load_in_4bit``, training only) loads the linear layers in 4
+    bits onto the current GPU (:func:`raypo.lora.four_bit_loading`), computing in ``dtype``.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
@@ -392,6 +395,8 @@ def load_policy(
     options: dict[str, object] = {"dtype": _DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        options |= four_bit_loading(_DTYPES[dtype])
     try:
         model = _from_pretrained(AutoModelForCausalLM, "model", source, **options)
     except ImportError as error:

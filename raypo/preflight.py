@@ -1,16 +1,20 @@
 """Checks that fail a run in seconds, before any data work, naming the setting and the cause.
 
 :func:`check_inputs` runs before Ray starts and before torch is imported: the data path exists,
-each named model is a directory or a hub id that can be had, and a run on the user's own data
-names its model (the embedded tiny model is for the bundled sample and for tests).
+each named model is a directory or a hub id that can be had, a run on the user's own data
+names its model (the embedded tiny model is for the bundled sample and for tests), and a QLoRA
+run (``model.lora.load_in_4bit``) has bitsandbytes to load its base with.
 :func:`check_resources` runs once Ray is up: the workers' and the reference pass's GPUs and CPUs
 fit the cluster's totals (``ray.cluster_resources()``), where Ray Train would otherwise wait for
-them for as long as one lets it. Each returns or raises one :class:`raypo.config.ConfigError`
-listing every problem found. Importing this module imports neither torch nor Ray.
+them for as long as one lets it; a QLoRA run (``model.lora.load_in_4bit``, which the config
+already ties to ``trainer.use_gpu``) on a cluster without GPUs is named as such. Each returns
+or raises one :class:`raypo.config.ConfigError` listing every problem found. Importing this
+module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,6 +56,11 @@ def check_inputs(config: RaypoConfig, named_model: bool = True) -> None:
         problem = None if value is None else model_problem(value)
         if problem is not None:
             errors.append(ConfigError(key, value, problem))
+    if config.model.lora.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        # Checked here, not in the config: a QLoRA config is still shown and checked
+        # (``raypo config show``) on a machine that does not train it.
+        problem = "needs the bitsandbytes package: pip install 'raypo[qlora]'"
+        errors.append(ConfigError("model.lora.load_in_4bit", True, problem))
     bundled = config.data.path.startswith(BUNDLED_DATA_PREFIX)
     if not named_model and not bundled:
         errors.append(
@@ -131,7 +140,15 @@ def check_resources(config: RaypoConfig, cluster: Mapping[str, float]) -> None:
     has = f"the cluster has {gpus:g} GPU(s) and {cpus:g} CPU(s) in all"
     trainer, reference = config.trainer, config.reference
     errors = []
-    if trainer.use_gpu and trainer.num_workers > gpus:
+    if config.model.lora.load_in_4bit and not gpus:
+        # Where the generic advice (use_gpu false) would only meet the config's QLoRA check.
+        problem = (
+            f"needs a CUDA GPU per worker (bitsandbytes' 4-bit layers), but {has}: run it where "
+            "GPUs are, or train plain LoRA here (--model.lora.load_in_4bit false "
+            "--trainer.use_gpu false)"
+        )
+        errors.append(ConfigError("model.lora.load_in_4bit", True, problem))
+    elif trainer.use_gpu and trainer.num_workers > gpus:
         problem = (
             f"asks for {trainer.num_workers} GPU(s), one per worker (trainer.num_workers), but "
             f"{has}; set trainer.use_gpu false or fewer trainer.num_workers"

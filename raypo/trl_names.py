@@ -24,6 +24,7 @@ TRL_FIELDS: dict[str, str] = {
     "lora_alpha": "model.lora.alpha",
     "lora_dropout": "model.lora.dropout",
     "lora_target_modules": "model.lora.target_modules",
+    "load_in_4bit": "model.lora.load_in_4bit",
     "dataset_name": "data.path",
     "dataset_train_split": "data.split",
     "dataset_test_split": "data.eval_split",

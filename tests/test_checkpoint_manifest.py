@@ -21,18 +21,22 @@ from raypo.train.manifest import CheckpointError, verify_checkpoint
 
 
 class StandInEngine:
-    """Writes this rank's shard under ``engine/`` as DeepSpeed does; records what it loads."""
+    """Writes this rank's shard under ``engine/`` as DeepSpeed does; records what it loads.
+    Its module is a plain (not 4-bit) model: DeepSpeed's module options stay at their defaults."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.loaded: list[str] = []
+        self.module = torch.nn.Linear(2, 2)
 
-    def save_checkpoint(self, directory: str, tag: str) -> None:
+    def save_checkpoint(self, directory: str, tag: str, exclude_frozen_parameters: bool) -> None:
+        assert not exclude_frozen_parameters
         shard = Path(directory) / tag / f"zero_pp_rank_{self.rank}_optim_states.pt"
         shard.parent.mkdir(parents=True, exist_ok=True)
         shard.write_bytes(bytes(range(256)) * (4 + self.rank))
 
-    def load_checkpoint(self, directory: str, tag: str) -> None:
+    def load_checkpoint(self, directory: str, tag: str, custom_load_fn: object) -> None:
+        assert custom_load_fn is None
         self.loaded.append(directory)
 
 

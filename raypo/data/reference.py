@@ -6,6 +6,8 @@ and ``gpus_per_actor`` GPUs, each holding one copy of the model) adds four colum
 ``ref_hn_rejected`` (MallowsPO's normalised entropy Hn, docs/methods.md). They are written as
 Parquet under ``reference.cache_dir/<fingerprint>`` and reused while the fingerprint of everything
 they depend on (data files, data settings, seed, tokenizer, reference model, dtype) is unchanged.
+With ``model.lora.load_in_4bit`` (QLoRA) the actors hold the reference in 4 bits, as the policy's
+base is held in training, so that the reference is the model training starts from.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _path_state(path: str) -> Any:
 
 def reference_fingerprint(config: RaypoConfig) -> str:
     """sha256 over the data sources and settings, the seed (it picks the held-out split), the
-    tokenizer, the reference model and the dtype: a change to any of them misses the cache."""
+    tokenizer, the reference model, the dtype and 4-bit loading: a change to any of them misses
+    the cache."""
     sources = [(asdict(source), _path_state(source.path)) for source in list_sources(config.data)]
     inputs = {
         "data": asdict(config.data),
@@ -70,6 +73,9 @@ def reference_fingerprint(config: RaypoConfig) -> str:
         "reference_model": _path_state(resolve_model_path(config.reference_model_path)),
         "dtype": config.model.dtype,
     }
+    if config.model.lora.load_in_4bit:
+        # Only when set: the fingerprints of the passes cached before 4-bit loading existed stay.
+        inputs["load_in_4bit"] = True
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -79,7 +85,9 @@ class ReferenceScorer:
     def __init__(
         self, model_path: str, model: ModelConfig, chunk_size: int, padding_free: str
     ) -> None:
-        self.model, tokenizer = load_policy(model_path, **model.load_kwargs)
+        self.model, tokenizer = load_policy(
+            model_path, **model.load_kwargs, load_in_4bit=model.lora.load_in_4bit
+        )
         if model.disable_dropout:
             # As TRL does for its reference model (eval mode already stops transformers' own).
             disable_dropout_in_model(self.model)

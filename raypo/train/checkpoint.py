@@ -20,7 +20,12 @@ With LoRA (``model.lora``) the engine state is the PEFT model's: the adapters wi
 optimizer state, and the frozen base weights too, as DeepSpeed saves the whole module. The base is
 redundant there (a restart loads it from the policy's path before the checkpoint) and costs one
 model copy of disk per kept checkpoint; it is kept so that restoring is DeepSpeed's plain, strict
-load, the same as for full fine-tuning.
+load, the same as for full fine-tuning. A 4-bit base (QLoRA, ``model.lora.load_in_4bit``) is left
+out instead: bitsandbytes writes its quantisation constants into a 4-bit layer's state dict but no
+layer reads them back, so a strict load of the whole module fails. Its checkpoint holds the
+trainable parameters (and those constants, which are not parameters), and restoring loads every
+trainable parameter from it and nothing else (:func:`load_trainable`); the 4-bit base is the one
+the worker loaded from the policy's path, as at the start.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 import ray.train
 import torch
 
+from raypo.lora import is_quantized
 from raypo.run_layout import CheckpointLayout
 from raypo.train.manifest import CheckpointError, verify_checkpoint, write_manifest
 
@@ -115,7 +121,8 @@ def save_checkpoint(
     """Write this rank's part of a checkpoint into ``directory`` (every rank must call it, each
     into a directory of its own), its manifest last."""
     layout = CheckpointLayout(directory)
-    engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
+    quantized = is_quantized(engine.module)
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=quantized)
     payload = {
         "step": state.step,
         "epoch": state.epoch,
@@ -157,7 +164,8 @@ def load_checkpoint(
     merged TrainState. Raises :class:`raypo.train.manifest.CheckpointError` naming what is
     missing or damaged, before anything is loaded."""
     payloads = _train_states(directory, world_size)
-    engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
+    custom_load = load_trainable if is_quantized(engine.module) else None
+    engine.load_checkpoint(str(directory), tag=ENGINE_TAG, custom_load_fn=custom_load)
     own = payloads[rank]
     trained = [pair_id for payload in payloads for pair_id in payload["trained"]]
     _restore_rng(own["rng"])
@@ -172,6 +180,24 @@ def load_checkpoint(
         consumed=set(trained),
         trained=trained if rank == 0 else [],
     )
+
+
+def load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load of a 4-bit policy (``custom_load_fn``): every trainable parameter
+    of ``dst`` from the checkpoint's module state ``src``, the rest of ``src`` ignored (module
+    docstring).
+
+    Raises:
+        CheckpointError: ``src`` lacks a trainable parameter of ``dst`` (another LoRA setting).
+    """
+    trainable = [name for name, param in dst.named_parameters() if param.requires_grad]
+    missing = [name for name in trainable if name not in src]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint holds no value for {len(missing)} of the {len(trainable)} trainable "
+            f"parameters (first: {missing[0]}): it was written with other model.lora settings"
+        )
+    dst.load_state_dict({name: src[name] for name in trainable}, strict=False)
 
 
 def checkpoint_to_restore(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from raypo.lora import is_adapted, save_adapted
+from raypo.lora import is_adapted, is_quantized, save_adapted
 from raypo.mixdpo import StrengthDistribution
 from raypo.models import load_tokenizer
 from raypo.run_layout import ExportLayout
@@ -44,6 +44,7 @@ def export_policy(
     chat_template: str | None = None,
     trust_remote_code: bool = False,
     unpartitioned_policy: Callable[[], Any] | None = None,
+    base_weights: Callable[[], Any] | None = None,
     merge: bool = True,
 ) -> None:
     """Write ``save_pretrained`` weights and the tokenizer (:func:`save_tokenizer`, with
@@ -57,7 +58,8 @@ def export_policy(
     ``merge`` false as the adapter alone (:func:`raypo.lora.save_adapted`, which merges in
     place: the engine's module is not trained further after this). Under ZeRO-3 rank 0 saves
     from ``unpartitioned_policy()``, a whole copy of the adapted policy (in CPU memory) that the
-    gathered weights are loaded into.
+    gathered weights are loaded into. A 4-bit policy (QLoRA) is merged into ``base_weights()``,
+    its base in the model's dtype, not into its own 4-bit layers.
     """
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -72,7 +74,8 @@ def export_policy(
                 module = unpartitioned_policy()
                 module.load_state_dict(state_dict)
             # With its tokenizer the adapter directory evaluates on its own (load_policy).
-            directories.add(save_adapted(module, output_dir, merge))
+            base = base_weights if is_quantized(module) else None
+            directories.add(save_adapted(module, output_dir, merge, base))
         else:
             module.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
         for directory in sorted(directories):

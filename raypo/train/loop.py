@@ -140,11 +140,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def _load_for_training(config: RaypoConfig, path: str) -> tuple[Any, Any]:
-    """The policy or reference model at ``path`` and its tokenizer, loaded as ``model.*`` says."""
-    model, tokenizer = load_policy(path, **config.model.load_kwargs)
+    """The policy or reference model at ``path`` and its tokenizer, loaded as ``model.*`` says
+    (in 4 bits with ``model.lora.load_in_4bit``)."""
+    model, tokenizer = load_policy(
+        path, **config.model.load_kwargs, load_in_4bit=config.model.lora.load_in_4bit
+    )
     if config.model.disable_dropout:
         disable_dropout_in_model(model)
     return model, tokenizer
+
+
+def _base_weights(config: RaypoConfig, path: str) -> Any:
+    """The policy's starting weights at ``path`` in ``model.dtype``, on the CPU: what a QLoRA
+    run's adapter is merged into for ``final/`` (:func:`raypo.lora.save_adapted`)."""
+    return load_policy(path, **config.model.load_kwargs)[0]
 
 
 def _adapted_policy(config: RaypoConfig, path: str) -> Any:
@@ -488,6 +497,7 @@ def train_worker(plan: WorkerPlan) -> None:
         chat_template=plan.config.data.chat_template,
         trust_remote_code=plan.config.model.trust_remote_code,
         unpartitioned_policy=partial(_adapted_policy, plan.config, plan.policy_path),
+        base_weights=partial(_base_weights, plan.config, plan.policy_path),
         merge=plan.config.model.lora.merge_on_export,
     )
     if worker.strength is not None and worker.rank == 0:
