@@ -61,8 +61,9 @@ class LoraConfig(Section):
     merge_on_export: bool = True
     """``final/`` = the merged model (base + adapter as plain weights, loadable by transformers
     and vLLM), with the adapter in ``final/adapter/``. false = ``final/`` is the adapter alone
-    (PEFT format and tokenizer: megabytes instead of the whole model), which raypo (``raypo
-    eval`` with ``eval.backend: hf``) and ``PeftModel.from_pretrained`` load onto its base."""
+    (PEFT format and tokenizer: megabytes instead of the whole model), which ``raypo eval``
+    (``hf`` merges it into its base, ``vllm`` serves it on its base) and
+    ``PeftModel.from_pretrained`` load onto its base."""
     load_in_4bit: bool = False
     """QLoRA (Dettmers et al. 2023): load the base weights in 4 bits with bitsandbytes (NF4 with
     double quantisation, computing in ``model.dtype``; Llama-3-8B's base takes 5.7 GB of GPU

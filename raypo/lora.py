@@ -195,10 +195,14 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file()
 
 
+def adapter_settings(path: str | Path) -> dict[str, Any]:
+    """The PEFT settings an adapter directory was saved with (its ``adapter_config.json``)."""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+
+
 def adapter_base(path: str | Path) -> str:
     """The base model an adapter directory was trained on (its ``base_model_name_or_path``)."""
-    settings = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base = settings.get("base_model_name_or_path")
+    base = adapter_settings(path).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base_model_name_or_path")
     return str(base)

@@ -231,7 +231,7 @@ def test_exported_adapter_directory_loads_as_the_merged_model(
     """export_policy of a LoRA policy (a stand-in engine; under ZeRO-3 its gathered state dict
     is loaded into a fresh adapted copy): final/adapter holds the adapter and the run's
     tokenizer, and load_policy (which raypo eval's hf backend uses) loads it merged into its
-    base, as final/ itself; vLLM sampling refuses the adapter directory."""
+    base, as final/ itself; vLLM sampling takes it too (served on its base)."""
     policy, tokenizer = _adapted()
     ids = _batch(tokenizer)["input_ids"]
     with torch.no_grad():
@@ -255,7 +255,24 @@ def test_exported_adapter_directory_loads_as_the_merged_model(
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     paths = ModelPaths(str(adapter), tiny, tiny, "reference")
     check_backend_loads(BackendChoice("hf", ""), paths)
-    with pytest.raises(EvalError, match="LoRA adapter.*eval.backend hf"):
+    check_backend_loads(BackendChoice("vllm", ""), paths)
+
+
+@pytest.mark.parametrize(
+    ("variant", "named"),
+    [({"use_dora": True}, "use_dora"), ({"modules_to_save": ["embed_tokens"]}, "modules_to_save")],
+)
+def test_vllm_refuses_an_adapter_its_lora_does_not_serve(
+    raypo_cache: str, tmp_path: Path, variant: dict, named: str
+) -> None:
+    """vLLM's LoRA has no DoRA and no modules trained in full: such an adapter is refused for
+    eval.backend vllm, naming the setting and the two ways out; hf still takes it."""
+    policy = add_adapters(load_policy("tiny")[0], dataclasses.replace(LORA, **variant))
+    adapter = save_adapted(policy, tmp_path / "final", merge=False)
+    tiny = resolve_model_path("tiny")
+    paths = ModelPaths(str(adapter), tiny, tiny, "reference")
+    check_backend_loads(BackendChoice("hf", ""), paths)
+    with pytest.raises(EvalError, match=f"LoRA adapter with {named}.*eval.backend hf"):
         check_backend_loads(BackendChoice("vllm", ""), paths)
 
 

@@ -145,3 +145,31 @@ def test_raypo_eval_cli_with_the_vllm_backend_follows_the_contract(models) -> No
     assert all(1 <= s["policy_tokens"] <= 8 for s in samples)
     assert results["kl"]["mean"] != 0.0 and results["win_rate"]["num_pairs"] == 6
     assert layout.eval_report.is_file()
+
+
+def test_vllm_serves_an_adapter_only_export_on_its_base(tiny, ray_session, tmp_path) -> None:
+    """An adapter-only final/ (model.lora.merge_on_export false, rank 4, B random so that it
+    changes the model): the vLLM engine loads its base with LoRA enabled and applies it per
+    request; its greedy ids equal those of transformers on the merged model (load_policy) and
+    differ from the base's."""
+    import torch
+
+    from raypo.config import LoraConfig
+    from raypo.lora import add_adapters, save_adapted
+    from raypo.models import load_policy
+
+    path, prompts = tiny
+    torch.manual_seed(0)
+    policy = add_adapters(load_policy(path)[0], LoraConfig(enabled=True, rank=4, alpha=8.0))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn_like(param))
+    adapter = str(save_adapted(policy, tmp_path / "final", merge=False))
+    config = _eval_config("--eval.temperature=0", "--eval.num_actors=1", "--eval.cpus_per_actor=1")
+    served = sample_completions("vllm", adapter, prompts, config, "fp32")
+    greedy = SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=12, n=1, seed=0)
+    merged = HFSampler(adapter, "fp32", batch_size=2).generate(prompts, greedy, 0)
+    base = HFSampler(path, "fp32", batch_size=2).generate(prompts, greedy, 0)
+    assert [g.token_ids for g in served.generations] == [g.token_ids for g in merged]
+    assert [g.token_ids for g in merged] != [g.token_ids for g in base]

@@ -52,7 +52,7 @@ from raypo.eval.scorers import (
     win_rate,
 )
 from raypo.generation import SamplingSettings
-from raypo.lora import is_adapter_dir
+from raypo.lora import adapter_settings, is_adapter_dir
 from raypo.models import ModelLoadError, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import init_ray
 from raypo.run_layout import ExportLayout, RunLayout
@@ -91,17 +91,29 @@ def model_paths(config: RaypoConfig) -> ModelPaths:
     return ModelPaths(resolve_model_path(policy), baseline, reference, label)
 
 
+VLLM_UNSERVED_ADAPTER_SETTINGS = ("use_dora", "modules_to_save")
+"""The ``model.lora`` settings (PEFT's names) of an adapter that vLLM's LoRA does not serve."""
+
+
 def check_backend_loads(backend: BackendChoice, paths: ModelPaths) -> None:
-    """Refuse a LoRA adapter directory (a run's ``final/adapter``) for vLLM, whose actors load
-    whole models; the hf backend loads it merged into its base (:func:`raypo.models.load_policy`).
-    """
-    adapters = [path for path in (paths.policy, paths.baseline) if is_adapter_dir(path)]
-    if backend.name == "vllm" and adapters:
-        raise EvalError(
-            f"{adapters[0]} is a LoRA adapter, which vLLM sampling does not load: evaluate the "
-            "merged model a LoRA run writes beside it (RUN_DIR/final, unless "
-            "model.lora.merge_on_export was false), or set eval.backend hf"
-        )
+    """Refuse, for vLLM, a LoRA adapter directory (a run's ``final/adapter``, or ``final/`` of
+    an adapter-only export) trained with a setting vLLM's LoRA does not serve (DoRA, modules
+    trained in full). vLLM serves any other adapter on its base
+    (:class:`raypo.eval.vllm_actor.VLLMSampler`); the hf backend loads every adapter merged
+    into its base (:func:`raypo.models.load_policy`)."""
+    if backend.name != "vllm":
+        return
+    for path in (paths.policy, paths.baseline):
+        if not is_adapter_dir(path):
+            continue
+        settings = adapter_settings(path)
+        unserved = [name for name in VLLM_UNSERVED_ADAPTER_SETTINGS if settings.get(name)]
+        if unserved:
+            raise EvalError(
+                f"{path} is a LoRA adapter with {' and '.join(unserved)}, which vLLM's LoRA does "
+                "not serve: evaluate the merged model a LoRA run writes beside it (RUN_DIR/final, "
+                "unless model.lora.merge_on_export was false), or set eval.backend hf"
+            )
 
 
 def _task_options(config: RaypoConfig) -> dict[str, Any]:

@@ -15,12 +15,15 @@ The engine gets the prompts as token ids (``TokensPrompt``), loads the weights i
 ``model.dtype`` (fp32 on CPU makes greedy ids match transformers exactly), ignores the model's
 ``generation_config.json`` (``generation_config="vllm"``) so that only the ``eval`` settings
 apply, and returns ids only (``detokenize=False``): the text is decoded by the policy's Hugging
-Face tokenizer as in the transformers backend.
+Face tokenizer as in the transformers backend. A LoRA adapter directory (an adapter-only
+``final/`` or ``final/adapter``) is served on its base: the engine loads the base with LoRA
+enabled and every request names the adapter (``LoRARequest``), so no merged copy is written.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from raypo.config import EvalConfig
@@ -29,6 +32,8 @@ from raypo.generation import Generation, SamplingSettings, finish_completion
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """``model.dtype`` -> vLLM's ``dtype`` argument."""
 KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM's engine accepts (its ``MaxLoRARanks``)."""
 
 
 def cpu_runtime_env(config: EvalConfig) -> dict[str, Any]:
@@ -38,22 +43,44 @@ def cpu_runtime_env(config: EvalConfig) -> dict[str, Any]:
     return {"env_vars": {KVCACHE_ENV: space}}
 
 
+def lora_engine_options(adapter: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``LLM`` keywords that serve the adapter directory ``adapter`` (PEFT ``settings``) on
+    its base: LoRA on, one adapter, room for its rank (the next rank vLLM accepts)."""
+    rank = int(settings["r"])
+    room = [allowed for allowed in VLLM_LORA_RANKS if allowed >= rank]
+    if not room:
+        raise ValueError(f"{adapter}: rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": room[0]}
+
+
 class VLLMSampler:
-    """Ray actor: one vLLM engine for ``model_path`` sampling from token-id prompts;
-    ``trust_remote_code`` (``model.trust_remote_code``) lets the engine and the tokenizer run
-    code shipped with the model."""
+    """Ray actor: one vLLM engine for ``model_path`` (a model, or a LoRA adapter directory served
+    on its base) sampling from token-id prompts; ``trust_remote_code``
+    (``model.trust_remote_code``) lets the engine and the tokenizer run code shipped with the
+    model."""
 
     def __init__(
         self, model_path: str, dtype: str, config: EvalConfig, *, trust_remote_code: bool = False
     ) -> None:
         from vllm import LLM
+        from vllm.lora.request import LoRARequest
 
+        from raypo.lora import adapter_base, adapter_settings, is_adapter_dir
         from raypo.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        base, tokenizer, options = model_path, model_path, {}
+        self.lora_request = None
+        if is_adapter_dir(model_path):
+            base = adapter_base(model_path)
+            # raypo's export writes the run's tokenizer beside the adapter (its chat template)
+            if not (Path(model_path) / "tokenizer_config.json").is_file():
+                tokenizer = base
+            options = lora_engine_options(model_path, adapter_settings(model_path))
+            self.lora_request = LoRARequest("policy", 1, model_path)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.llm = LLM(
-            model=model_path,
-            tokenizer=model_path,
+            model=base,
+            tokenizer=tokenizer,
             trust_remote_code=trust_remote_code,
             dtype=VLLM_DTYPES[dtype],
             seed=config.seed,
@@ -61,6 +88,7 @@ class VLLMSampler:
             gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=True,
             generation_config="vllm",
+            **options,
         )
 
     def ready(self) -> bool:
@@ -86,7 +114,7 @@ class VLLMSampler:
             for offset in range(len(prompts))
         ]
         inputs = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora_request)
         eos = self.tokenizer.eos_token_id
         generations = []
         for offset, output in enumerate(outputs):
