@@ -97,6 +97,8 @@ def test_the_shipped_qlora_config_is_the_lora_config_in_4_bits() -> None:
     qlora = load_config(REPO / "configs" / "llama-3-8b-qlora-ultrafeedback.yaml")
     lora = load_config(REPO / "configs" / "llama-3-8b-lora-ultrafeedback.yaml")
     assert qlora.model.lora == dataclasses.replace(lora.model.lora, load_in_4bit=True)
+    same_model = dataclasses.replace(qlora.model, lora=lora.model.lora)
+    assert dataclasses.replace(qlora, name=lora.name, model=same_model) == lora
     assert (qlora.trainer.use_gpu, qlora.trainer.zero_stage, qlora.model.dtype) == (
         True,
         2,
@@ -171,7 +173,7 @@ def four_bit_stand_in(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     real = AutoModelForCausalLM.from_pretrained
 
     def from_pretrained(source: str, **kwargs: Any) -> Any:
-        calls.append(kwargs)
+        calls.append(dict(kwargs))
         quantization = kwargs.pop("quantization_config", None)
         kwargs.pop("device_map", None)
         model = real(source, **kwargs)
