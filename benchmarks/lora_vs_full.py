@@ -271,14 +271,17 @@ def main(argv: list[str] | None = None) -> None:
         prepare = config_from_dict(side_config("full", settings, work / "prepare", work))
         job("prepare", prepare, work, "prepare", args.timeout)
         counts = {
-            side: parameter_counts(config_from_dict(side_config(side, settings, work, work)))
+            side: parameter_counts(config_from_dict(side_config(side, settings, work / side, work)))
             for side in SIDES
         }
         for round_ in range(1, args.rounds + 1):
             runs = {}
             for side in round_order(round_):
                 runs[side] = run_side(side, work, settings, args.timeout, round_)
-                print(f"round {round_} {side}: {json.dumps(dataclasses.asdict(runs[side]))}")
+                print(
+                    f"round {round_} {side}: {json.dumps(dataclasses.asdict(runs[side]))}",
+                    flush=True,
+                )
             rounds.append(runs)
     rows = summary_rows(rounds, counts)
     write_results(
