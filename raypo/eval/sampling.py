@@ -37,14 +37,14 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "hf")
 """Sampling backends ``eval.backend`` names besides ``auto``."""
-CPU_VLLM_MIN_PARAMETERS: int | None = None
+CPU_VLLM_MIN_PARAMETERS: int | None = 300_000
 """Stored parameters from which ``eval.backend auto`` samples with vLLM on CPU: the size where
 vLLM-CPU's completions/s overtake transformers ``generate``, as
-``benchmarks/generation_throughput.py`` derives it (its record's ``cpu_vllm_min_parameters``).
-None = at no size measured: the quiet record (load 1.4, 2 cores) has vLLM-CPU at 0.84x greedy and
-0.75x sampled on the tiny model, and on 2 cores vLLM-CPU computes on one core, reserving the
-other; the runs over larger sizes so far were taken under load averages of 40-110, which slow
-``generate`` far more than vLLM and so measure the load (benchmarks/README.md)."""
+``benchmarks/generation_throughput.py`` derives it (its record's ``cpu_vllm_min_parameters``,
+benchmarks/results/generation_throughput.md, measured quietly on 2 cores): vLLM-CPU 0.86x on the
+embedded tiny model (0.15M), 1.98x on the standard CPU benchmark Llama (7.4M), 1.55x at 34M and
+2.61x at 98M; the crossing, interpolated in log(parameters), is at 0.3M. None would mean vLLM at no
+size on CPU."""
 
 
 class EvalError(RuntimeError):
