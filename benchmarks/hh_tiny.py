@@ -1,4 +1,5 @@
-"""Held-out implicit-reward accuracy of DPO, MallowsPO-theta/phi and MixDPO on the 1,800 HH pairs.
+"""Held-out implicit-reward accuracy of DPO, MallowsPO-theta/phi and MixDPO on the 1,800 HH pairs,
+at matched preference strength.
 
 The embedded tiny Llama is first fitted to the chosen dialogues of the training split
 (:func:`raypo.data.tiny_fit.fit_reference`, as ``model.tiny_fit_steps`` does); the fitted model
@@ -6,11 +7,16 @@ is both the reference and every policy's starting point. The reference columns (
 entropies) are computed once over all pairs. Each objective then trains for ``--epochs`` epochs
 over the training split with raypo's per-worker step (collate, :func:`raypo.step.preference_step`,
 gradient clipping, AdamW; MixDPO's strength distribution with its own Adam, as in
-:mod:`raypo.train.loop`) in one process, without Ray: twelve
-Ray Train jobs (4 objectives x 3 seeds) do not fit the time budget on two cores. A seed sets the
-order of the training pairs and torch's RNG; the train/test split is fixed. The held-out metric is
-the fraction of test pairs whose implicit reward ``beta (log pi - log pi_ref)`` is higher for the
-chosen response (``eval/rewards/accuracies`` of a raypo run).
+:mod:`raypo.train.loop`) in one process per run, without Ray: dozens of Ray Train jobs do not fit
+the time budget on two cores. The objectives are compared at the same strength: MallowsPO's
+dispersion weight ``w(x)`` multiplies beta (by about 3 on these pairs), so each objective's
+``loss.beta`` is set such that the mean initial slope of its loss in the margin, over the
+training pairs, equals DPO's at the DPO beta of the comparison (MixDPO's mean strength is beta
+itself); a small grid of DPO betas follows the headline one. A seed sets the order of the training
+pairs and torch's RNG; the train/test split is fixed. The held-out metric is the fraction of test
+pairs whose implicit reward ``beta (log pi - log pi_ref)`` is higher for the chosen response
+(``eval/rewards/accuracies`` of a raypo run); differences from DPO are paired by seed and test
+pair, with a bootstrap interval over both, so that the sampling of the 300 test pairs is in it.
 
     python benchmarks/hh_tiny.py
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import statistics
 import tempfile
@@ -28,7 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Column, Table, add_output_argument, mean_ci, new_figure, write_results
+from common import (
+    Column,
+    Interval,
+    Table,
+    add_output_argument,
+    mean_ci,
+    new_figure,
+    write_results,
+)
 from scaling import hh_records
 
 OBJECTIVES = ("dpo", "mallows_theta", "mallows_phi", "mixdpo")
@@ -42,28 +57,12 @@ class Settings:
     pairs: int = 8
     """Pairs per step."""
     learning_rate: float = 5e-4
-    beta: float = 0.1
     dispersion_scale: float = 0.29
     max_length: int = 256
     test_pairs: int = 300
     fit_steps: int = 200
     """Steps of the next-token fit that makes the reference."""
     max_grad_norm: float = 1.0
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """One objective trained with one seed."""
-
-    objective: str
-    seed: int
-    test_accuracy: float
-    test_margin: float
-    """Mean implicit-reward margin (chosen minus rejected) on the test pairs."""
-    final_train_loss: float
-    """Mean training loss over the last 10% of steps."""
-    steps: int
-    seconds: float
 
 
 def split_pairs(tokenizer: Any, settings: Settings, limit: int | None) -> tuple[list, list]:
@@ -129,60 +128,150 @@ def fit_tiny(work: Path, settings: Settings, limit: int | None) -> tuple[Path, l
     return fitted, train, test
 
 
-def _loss_config(name: str, settings: Settings) -> Any:
+def _loss_config(name: str, beta: float, settings: Settings) -> Any:
     from raypo.config import LossConfig
 
-    return LossConfig(type=name, beta=settings.beta, dispersion_scale=settings.dispersion_scale)
+    return LossConfig(type=name, beta=beta, dispersion_scale=settings.dispersion_scale)
 
 
-def batch_step(model: Any, rows: list[dict], name: str, settings: Settings, strength: Any) -> Any:
+def _strength(name: str, beta: float, settings: Settings) -> Any:
+    """MixDPO's strength distribution with mean ``beta``; None for the other objectives."""
+    from raypo.losses import StrengthDistribution
+    from raypo.objectives import objective
+
+    if not objective(name).learns_strength:
+        return None
+    config = _loss_config(name, beta, settings)
+    return StrengthDistribution(config.mixdpo_distribution, beta, config.mixdpo_init_cv)
+
+
+def dispersion_weights(rows: list[dict], settings: Settings) -> Any:
+    """MallowsPO's ``w(x)`` of each row from its reference entropies, ``[N]`` float64."""
+    import torch
+
+    from raypo.dispersion import dispersion_weight
+
+    chosen = torch.tensor([row["ref_hn_chosen"] for row in rows], dtype=torch.float64)
+    rejected = torch.tensor([row["ref_hn_rejected"] for row in rows], dtype=torch.float64)
+    return dispersion_weight(chosen, rejected, settings.dispersion_scale)
+
+
+def initial_slope(name: str, beta: float, weights: Any, settings: Settings) -> float:
+    """Mean over the pairs of ``-d loss / d h`` at ``h = 0``: the strength with which the
+    objective first pulls the margins apart (``beta / 2`` for DPO)."""
+    import torch
+
+    from raypo.losses import LOSS_FUNCTIONS
+
+    h = torch.zeros_like(weights, requires_grad=True)
+    config = _loss_config(name, beta, settings)
+    strength = _strength(name, beta, settings)
+    LOSS_FUNCTIONS[name](h, weights, config, strength).sum().backward()
+    return -float(h.grad.mean())
+
+
+def matched_beta(name: str, dpo_beta: float, weights: Any, settings: Settings) -> float:
+    """The ``loss.beta`` of ``name`` whose initial slope over the training pairs equals DPO's at
+    ``dpo_beta`` (MallowsPO's ``w(x)`` rescales beta; MixDPO's mean strength is beta itself).
+
+    Raises:
+        RuntimeError: the slope is not proportional to beta (the match would not hold).
+    """
+    target = initial_slope("dpo", dpo_beta, weights, settings)
+    beta = dpo_beta * target / initial_slope(name, dpo_beta, weights, settings)
+    reached = initial_slope(name, beta, weights, settings)
+    if not math.isclose(reached, target, rel_tol=1e-6):
+        raise RuntimeError(f"{name}: slope {reached} at beta {beta} does not match DPO's {target}")
+    return beta
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the study."""
+
+    objective: str
+    seed: int
+    dpo_beta: float
+    """The DPO strength this run is matched to."""
+    beta: float
+    """The objective's own ``loss.beta`` (:func:`matched_beta`)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One objective trained with one seed at one matched strength."""
+
+    objective: str
+    seed: int
+    dpo_beta: float
+    beta: float
+    test_margins: list[float]
+    """Per test pair, the log-ratio margin ``(log pi - log pi_ref)(chosen) - (...)(rejected)``:
+    the implicit reward ranks the pair correctly when it is positive, whatever the beta."""
+    final_train_loss: float
+    """Mean training loss over the last 10% of steps."""
+    strength: dict[str, float] | None
+    """MixDPO's learned distribution of beta (mean, cv) at the end; None for the others."""
+    steps: int
+    seconds: float
+
+    @property
+    def test_accuracy(self) -> float:
+        """Held-out implicit-reward accuracy."""
+        return statistics.fmean(float(m > 0) for m in self.test_margins)
+
+
+def batch_step(model: Any, rows: list[dict], job: Job, settings: Settings, strength: Any) -> Any:
     """:func:`raypo.step.preference_step` on the collated ``rows`` (their ``ref_*`` columns are
     the precomputed reference), as a raypo Train worker's ``micro_batch_step`` calls it."""
     from raypo.step import preference_step
 
     batch = collate(rows, model.config.pad_token_id)
-    return preference_step(model, batch, _loss_config(name, settings), strength=strength)
+    config = _loss_config(job.objective, job.beta, settings)
+    return preference_step(model, batch, config, strength=strength)
 
 
-def evaluate(model: Any, rows: list[dict], name: str, settings: Settings, strength: Any) -> dict:
-    """Pair-weighted mean of the held-out metrics over ``rows``."""
+def test_margins(model: Any, rows: list[dict], settings: Settings) -> list[float]:
+    """The policy's log-ratio margin of every row (see :attr:`RunResult.test_margins`)."""
     import torch
 
-    sums: dict[str, float] = {}
+    from raypo.forward import sequence_stats, split_pairs
+
+    margins: list[float] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), settings.pairs):
             chunk = rows[start : start + settings.pairs]
-            metrics = batch_step(model, chunk, name, settings, strength).metrics
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
+            stats = sequence_stats(
+                model, collate(chunk, model.config.pad_token_id), compute_entropy=False
+            )
+            chosen, rejected = split_pairs(stats.logps.double())
+            for index, row in enumerate(chunk):
+                margins.append(
+                    float(chosen[index] - row["ref_chosen_logps"])
+                    - float(rejected[index] - row["ref_rejected_logps"])
+                )
     model.train()
-    return {key: value / len(rows) for key, value in sums.items()}
+    return margins
 
 
-def train_one(
-    fitted: Path, train: list, test: list, name: str, seed: int, settings: Settings
-) -> RunResult:
-    """Train a copy of the fitted model with objective ``name`` and seed, then evaluate it."""
+def train_one(fitted: Path, train: list, test: list, job: Job, settings: Settings) -> RunResult:
+    """Train a copy of the fitted model as ``job`` says, then measure it on ``test``."""
     import torch
 
-    from raypo.losses import StrengthDistribution
     from raypo.models import load_policy
-    from raypo.objectives import objective
 
     started = time.perf_counter()
-    torch.manual_seed(seed)
+    torch.manual_seed(job.seed)
     model, _ = load_policy(str(fitted), "fp32")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0)
-    strength = strength_optimizer = None
-    if objective(name).learns_strength:
-        config = _loss_config(name, settings)
-        strength = StrengthDistribution(
-            config.mixdpo_distribution, config.beta, config.mixdpo_init_cv
-        )
-        strength_optimizer = torch.optim.Adam(strength.parameters(), lr=config.mixdpo_lr)
-    order = random.Random(seed)
+    strength = _strength(job.objective, job.beta, settings)
+    strength_optimizer = None
+    if strength is not None:
+        lr = _loss_config(job.objective, job.beta, settings).mixdpo_lr
+        strength_optimizer = torch.optim.Adam(strength.parameters(), lr=lr)
+    order = random.Random(job.seed)
     steps = max(1, round(settings.epochs * len(train) / settings.pairs))
     losses: list[float] = []
     queue: list[dict] = []
@@ -190,7 +279,7 @@ def train_one(
         if len(queue) < settings.pairs:
             queue = order.sample(train, len(train))
         chunk, queue = queue[: settings.pairs], queue[settings.pairs :]
-        loss = batch_step(model, chunk, name, settings, strength).loss
+        loss = batch_step(model, chunk, job, settings, strength).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         for opt in (optimizer, strength_optimizer):
@@ -198,17 +287,214 @@ def train_one(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    metrics = evaluate(model, test, name, settings, strength)
-    tail = losses[-max(1, steps // 10) :]
+    learned = None
+    if strength is not None:
+        moments = strength.moments()
+        learned = {"mean": float(moments["mean"]), "cv": float(moments["cv"])}
     return RunResult(
-        objective=name,
-        seed=seed,
-        test_accuracy=metrics["rewards/accuracies"],
-        test_margin=metrics["rewards/margins"],
-        final_train_loss=statistics.fmean(tail),
+        objective=job.objective,
+        seed=job.seed,
+        dpo_beta=job.dpo_beta,
+        beta=job.beta,
+        test_margins=test_margins(model, test, settings),
+        final_train_loss=statistics.fmean(losses[-max(1, steps // 10) :]),
+        strength=learned,
         steps=steps,
         seconds=round(time.perf_counter() - started, 1),
     )
+
+
+def _train_in_worker(
+    fitted: Path, train: list, test: list, job: Job, settings: Settings
+) -> RunResult:
+    import torch
+
+    # Runs share the two cores as whole processes: one thread each beats two threads each on a
+    # model this small.
+    torch.set_num_threads(1)
+    return train_one(fitted, train, test, job, settings)
+
+
+def run_jobs(
+    fitted: Path, train: list, test: list, jobs: list[Job], settings: Settings, processes: int
+) -> list[RunResult]:
+    """Every job, ``processes`` at a time, each result printed as it arrives."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    results = []
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_train_in_worker, fitted, train, test, job, settings) for job in jobs
+        ]
+        for future in futures:
+            result = future.result()
+            summary = dataclasses.asdict(result) | {"test_accuracy": result.test_accuracy}
+            summary.pop("test_margins")
+            print(json.dumps(summary), flush=True)
+            results.append(result)
+    return results
+
+
+def paired_difference(
+    runs: list[RunResult], baseline: list[RunResult], samples: int, seed: int = 0
+) -> Interval:
+    """Mean accuracy difference ``runs - baseline`` over the seeds both have, with a 95%
+    percentile interval from a bootstrap over seeds and test pairs together: the interval covers
+    both the training order and the sampling of the held-out pairs."""
+    import numpy as np
+
+    by_seed = {r.seed: r for r in baseline}
+    seeds = sorted(r.seed for r in runs if r.seed in by_seed)
+    ours = {r.seed: r for r in runs}
+    diff = np.array(
+        [
+            (np.array(ours[s].test_margins) > 0).astype(float)
+            - (np.array(by_seed[s].test_margins) > 0)
+            for s in seeds
+        ]
+    )
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, len(seeds), size=(samples, len(seeds)))
+    pair_draws = rng.integers(0, diff.shape[1], size=(samples, diff.shape[1]))
+    means = np.array(
+        [diff[np.ix_(s, p)].mean() for s, p in zip(seed_draws, pair_draws, strict=True)]
+    )
+    low, high = np.percentile(means, [2.5, 97.5])
+    return Interval(float(diff.mean()), float(low), float(high), len(seeds))
+
+
+def dispersion_quintiles(test: list[dict], settings: Settings) -> list[int]:
+    """The quintile (0 = lowest ``Hn(x)``, most agreement) of every test pair's reference
+    dispersion."""
+    import numpy as np
+
+    hn = np.array([(r["ref_hn_chosen"] + r["ref_hn_rejected"]) / 2 for r in test])
+    edges = np.quantile(hn, [0.2, 0.4, 0.6, 0.8])
+    return [int(q) for q in np.searchsorted(edges, hn, side="right")]
+
+
+def _verdict(interval: Interval) -> str:
+    if interval.low > 0:
+        return "ahead of DPO"
+    if interval.high < 0:
+        return "behind DPO"
+    return "no difference shown"
+
+
+def _difference_rows(results: list[RunResult], samples: int) -> list[dict]:
+    rows = []
+    for dpo_beta in dict.fromkeys(r.dpo_beta for r in results):
+        at_beta = [r for r in results if r.dpo_beta == dpo_beta]
+        baseline = [r for r in at_beta if r.objective == "dpo"]
+        for name in dict.fromkeys(r.objective for r in at_beta):
+            runs = [r for r in at_beta if r.objective == name]
+            row = {
+                "dpo_beta": dpo_beta,
+                "objective": name,
+                "beta": runs[0].beta,
+                "accuracy": statistics.fmean(r.test_accuracy for r in runs),
+                "seeds": len(runs),
+            }
+            if name != "dpo" and baseline:
+                diff = paired_difference(runs, baseline, samples)
+                row |= {
+                    "difference": 100 * diff.mean,
+                    "low": 100 * diff.low,
+                    "high": 100 * diff.high,
+                    "verdict": _verdict(diff),
+                }
+            rows.append(row)
+    return rows
+
+
+def _quintile_rows(results: list[RunResult], quintiles: list[int]) -> list[dict]:
+    import numpy as np
+
+    groups = np.array(quintiles)
+    rows = []
+    for name in dict.fromkeys(r.objective for r in results):
+        runs = [r for r in results if r.objective == name]
+        correct = np.mean([np.array(r.test_margins) > 0 for r in runs], axis=0)
+        rows.append(
+            {"objective": name}
+            | {f"q{q + 1}": float(correct[groups == q].mean()) for q in range(5)}
+        )
+    return rows
+
+
+def _strength_rows(results: list[RunResult], settings: Settings) -> list[dict]:
+    rows = []
+    for dpo_beta in dict.fromkeys(r.dpo_beta for r in results if r.strength):
+        runs = [r for r in results if r.strength and r.dpo_beta == dpo_beta]
+        rows.append(
+            {
+                "dpo_beta": dpo_beta,
+                "start_cv": _loss_config("mixdpo", dpo_beta, settings).mixdpo_init_cv,
+                "mean": statistics.fmean(r.strength["mean"] for r in runs),
+                "cv": mean_ci(r.strength["cv"] for r in runs).text(".3f"),
+                "seeds": len(runs),
+            }
+        )
+    return rows
+
+
+def _findings(differences: list[dict], quintiles: list[dict], strengths: list[dict]) -> list[str]:
+    lines = []
+    for row in differences:
+        if "difference" in row:
+            lines.append(
+                f"{row['objective']} at the strength of DPO's beta {row['dpo_beta']:g} "
+                f"(its own beta {row['beta']:.4g}): {row['difference']:+.2f} points "
+                f"[{row['low']:+.2f}, {row['high']:+.2f}] over {row['seeds']} seed(s): "
+                f"{row['verdict']}."
+            )
+    by_name = {row["objective"]: row for row in quintiles}
+    for name, row in by_name.items():
+        if name != "dpo" and "dpo" in by_name:
+            gaps = [100 * (row[f"q{q}"] - by_name["dpo"][f"q{q}"]) for q in range(1, 6)]
+            lines.append(
+                f"{name} - dpo by dispersion quintile (lowest Hn(x) first), headline strength: "
+                + ", ".join(f"{gap:+.1f}" for gap in gaps)
+                + " points."
+            )
+    for row in strengths:
+        lines.append(
+            f"MixDPO's learned beta at DPO's beta {row['dpo_beta']:g}: mean {row['mean']:.4g} "
+            f"(held at the start value), CV {row['cv']} from a start of {row['start_cv']:g}."
+        )
+    return lines
+
+
+def _figure(differences: list[dict], quintiles: list[dict]) -> Any:
+    figure, axes = new_figure(ncols=2, size=(5.5, 4.0))
+    left, right = axes[0]
+    names = list(dict.fromkeys(r["objective"] for r in differences if "difference" in r))
+    for offset, name in enumerate(names):
+        rows = [r for r in differences if r["objective"] == name and "difference" in r]
+        x = [r["dpo_beta"] * (1 + 0.06 * (offset - 1)) for r in rows]
+        y = [r["difference"] for r in rows]
+        errors = [
+            [r["difference"] - r["low"] for r in rows],
+            [r["high"] - r["difference"] for r in rows],
+        ]
+        left.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=name)
+    left.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    left.set_xscale("log")
+    left.set_xlabel("DPO beta the run is matched to")
+    left.set_ylabel("accuracy - DPO's (points), 95% CI")
+    left.set_title("Paired difference from DPO (seeds x test pairs)", fontsize=10)
+    left.legend(fontsize=8)
+    for row in quintiles:
+        right.plot(
+            range(1, 6), [row[f"q{q}"] for q in range(1, 6)], marker="o", label=row["objective"]
+        )
+    right.set_xticks(range(1, 6))
+    right.set_xlabel("reference dispersion quintile (1 = lowest Hn(x))")
+    right.set_ylabel("held-out implicit-reward accuracy")
+    right.set_title("By dispersion, headline strength", fontsize=10)
+    right.legend(fontsize=8)
+    return figure
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -222,50 +508,39 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--test-pairs", type=int, default=defaults.test_pairs)
     parser.add_argument("--fit-steps", type=int, default=defaults.fit_steps)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--betas",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.03, 0.3],
+        help="DPO strengths every objective is matched to; the first is the headline",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--grid-seeds", type=int, default=2, help="seeds at the betas after the first"
+    )
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--processes", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap samples")
     parser.add_argument("--quick", action="store_true", help="200 pairs, few steps (smoke test)")
     parser.add_argument("--work-dir", type=Path, help="keep the fitted model here")
     add_output_argument(parser, "hh_tiny")
     return parser.parse_args(argv)
 
 
-def _summary(results: list[RunResult], reference_accuracy: float) -> list[dict]:
-    rows = [{"objective": "reference (fitted tiny model)", "accuracy": reference_accuracy}]
-    for name in dict.fromkeys(r.objective for r in results):
-        runs = [r for r in results if r.objective == name]
-        accuracy = mean_ci(r.test_accuracy for r in runs)
-        rows.append(
-            {
-                "objective": name,
-                "accuracy": accuracy.mean,
-                "ci95": accuracy.half_width,
-                "per_seed": ", ".join(f"{r.test_accuracy:.3f}" for r in runs),
-                "margin": statistics.fmean(r.test_margin for r in runs),
-                "final_train_loss": statistics.fmean(r.final_train_loss for r in runs),
-                "seeds": len(runs),
-            }
-        )
-    return rows
-
-
-def _figure(rows: list[dict]) -> Any:
-    figure, axes = new_figure(size=(6.0, 3.6))
-    axes = axes[0][0]
-    names = [row["objective"].replace(" (", "\n(") for row in rows]
-    errors = [row.get("ci95", 0.0) for row in rows]
-    bars = axes.bar(names, [row["accuracy"] for row in rows], yerr=errors, capsize=4)
-    axes.bar_label(bars, fmt="%.3f", label_type="center", color="white", fontsize=8)
-    axes.set_ylabel("held-out implicit-reward accuracy")
-    axes.set_ylim(0.0, 1.0)
-    axes.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-    axes.tick_params(axis="x", labelsize=8)
-    axes.set_title("HH harmless, tiny model; mean and 95% CI over seeds", fontsize=10)
-    return figure
+def study_jobs(args: argparse.Namespace, weights: Any, settings: Settings) -> list[Job]:
+    """Every objective at every DPO strength (all seeds at the first, ``--grid-seeds`` at the
+    others), each with its matched ``loss.beta``."""
+    jobs = []
+    for index, dpo_beta in enumerate(args.betas):
+        seeds = args.seeds if index == 0 else args.seeds[: args.grid_seeds]
+        betas = {name: matched_beta(name, dpo_beta, weights, settings) for name in args.objectives}
+        jobs += [Job(name, seed, dpo_beta, betas[name]) for seed in seeds for name in betas]
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Fit, precompute the reference, train every objective x seed, write the results."""
+    """Fit, precompute the reference, train every job, write the results."""
     args = _parse_args(argv)
     started = time.perf_counter()
     settings = Settings(
@@ -286,40 +561,63 @@ def main(argv: list[str] | None = None) -> None:
         fitted, train, test = fit_tiny(work, settings, limit)
         reference, tokenizer = load_policy(str(fitted), "fp32")
         add_reference_columns(reference.eval(), train + test, tokenizer.pad_token_id, 16)
-        results = []
-        for seed in args.seeds:
-            for name in args.objectives:
-                results.append(train_one(fitted, train, test, name, seed, settings))
-                print(json.dumps(dataclasses.asdict(results[-1])), flush=True)
+        jobs = study_jobs(args, dispersion_weights(train, settings), settings)
+        results = run_jobs(fitted, train, test, jobs, settings, args.processes)
+    headline = [r for r in results if r.dpo_beta == args.betas[0]]
+    differences = _difference_rows(results, args.bootstrap)
+    quintiles = _quintile_rows(headline, dispersion_quintiles(test, settings))
+    strengths = _strength_rows(results, settings)
     reference_accuracy = statistics.fmean(
         float(r["ref_chosen_logps"] > r["ref_rejected_logps"]) for r in test
     )
-    rows = _summary(results, reference_accuracy)
     write_results(
         "hh_tiny",
-        title="Held-out implicit-reward accuracy on HH: DPO vs MallowsPO vs MixDPO (tiny model)",
+        title="Held-out implicit-reward accuracy on HH at matched strength: DPO vs MallowsPO vs "
+        "MixDPO (tiny model)",
         description=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0]
-        + f" Pairs: {len(train)} train, {len(test)} test.",
+        + f" Pairs: {len(train)} train, {len(test)} test; the fitted reference ranks "
+        f"{reference_accuracy:.3f} of the test pairs correctly by likelihood.",
+        findings=_findings(differences, quintiles, strengths),
         tables=[
             Table(
-                "Test accuracy (mean over seeds, 95% Student-t CI)",
-                rows,
+                "Accuracy and paired difference from DPO at matched strength",
+                differences,
                 [
+                    Column("dpo_beta", "DPO beta"),
                     Column("objective"),
+                    Column("beta", "own beta", ".4g"),
                     Column("accuracy", "accuracy", ".3f"),
-                    Column("ci95", "± 95% CI", ".3f"),
-                    Column("per_seed", "per seed"),
-                    Column("margin", "reward margin", ".4f"),
-                    Column("final_train_loss", "train loss (last 10%)", ".4f"),
+                    Column("difference", "- DPO (points)", "+.2f"),
+                    Column("low", "95% low", "+.2f"),
+                    Column("high", "95% high", "+.2f"),
+                    Column("verdict"),
                     Column("seeds"),
                 ],
-                note="The reference row is the fitted model's own log-prob accuracy "
-                "(chosen more likely than rejected), the accuracy before preference training.",
-            )
+                note="The interval is a bootstrap over seeds and test pairs together (paired: "
+                "the same seed's DPO run, the same pairs).",
+            ),
+            Table(
+                f"Accuracy by reference dispersion quintile, DPO beta {args.betas[0]:g}",
+                quintiles,
+                [Column("objective")] + [Column(f"q{q}", f"q{q}", ".3f") for q in range(1, 6)],
+                note="q1 holds the fifth of the test pairs with the lowest Hn(x) (the reference "
+                "most certain, MallowsPO's largest w(x)); mean over seeds.",
+            ),
+            Table(
+                "MixDPO's learned strength distribution (lognormal)",
+                strengths,
+                [
+                    Column("dpo_beta", "DPO beta"),
+                    Column("start_cv", "start CV"),
+                    Column("mean", "mean beta", ".4g"),
+                    Column("cv", "learned CV (95% CI)"),
+                    Column("seeds"),
+                ],
+            ),
         ],
-        settings=dataclasses.asdict(settings) | {"seeds": args.seeds, "quick": args.quick},
+        settings=dataclasses.asdict(settings) | {k: v for k, v in vars(args).items() if k != "out"},
         data={"runs": [dataclasses.asdict(r) for r in results]},
-        figure=_figure(rows),
+        figure=_figure(differences, quintiles),
         out=args.out,
         started=started,
     )

@@ -291,3 +291,40 @@ def test_throughput_vs_trl_ratios_are_taken_per_round_and_judged() -> None:
     table = tvt.summary_rows(rounds)
     assert table[1]["compiled_runs"] == 1
     assert "1 raypo train job(s) ran the C++ compiler" in "\n".join(tvt.findings(table, *args))
+
+
+def test_hh_tiny_matches_each_objective_to_dpos_initial_strength() -> None:
+    settings = hh_tiny.Settings()
+    rows = [{"ref_hn_chosen": hn, "ref_hn_rejected": hn / 2} for hn in (0.05, 0.2, 0.4, 0.7, 0.9)]
+    weights = hh_tiny.dispersion_weights(rows, settings)
+    # MallowsPO-theta's loss is DPO's with beta w(x): matched, its beta is beta / mean w.
+    theta = hh_tiny.matched_beta("mallows_theta", 0.1, weights, settings)
+    assert theta == pytest.approx(0.1 / float(weights.mean()), rel=1e-9)
+    assert hh_tiny.matched_beta("mixdpo", 0.1, weights, settings) == pytest.approx(0.1, rel=1e-6)
+    target = hh_tiny.initial_slope("dpo", 0.1, weights, settings)
+    assert target == pytest.approx(0.05, rel=1e-9)
+    phi = hh_tiny.matched_beta("mallows_phi", 0.1, weights, settings)
+    assert hh_tiny.initial_slope("mallows_phi", phi, weights, settings) == pytest.approx(target)
+
+
+def _run(objective: str, seed: int, margins: list[float]) -> hh_tiny.RunResult:
+    return hh_tiny.RunResult(objective, seed, 0.1, 0.1, margins, 0.6, None, 1, 0.0)
+
+
+def test_hh_tiny_paired_difference_covers_seeds_and_test_pairs() -> None:
+    dpo = [_run("dpo", s, [1.0, -1.0, 1.0, -1.0]) for s in range(3)]
+    same = hh_tiny.paired_difference(
+        [_run("x", s, [1.0, -1.0, 1.0, -1.0]) for s in range(3)], dpo, 200
+    )
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
+    # One more pair right in every seed: +25 points, and the pair resampling widens the interval.
+    better = hh_tiny.paired_difference(
+        [_run("x", s, [1.0, 1.0, 1.0, -1.0]) for s in range(3)], dpo, 500
+    )
+    assert better.mean == pytest.approx(0.25) and better.n == 3
+    assert better.low < 0.25 < better.high and better.low >= 0.0
+
+
+def test_hh_tiny_quintiles_split_the_test_pairs_by_reference_entropy() -> None:
+    test = [{"ref_hn_chosen": v, "ref_hn_rejected": v} for v in [0.9, 0.1, 0.5, 0.3, 0.7] * 2]
+    assert hh_tiny.dispersion_quintiles(test, hh_tiny.Settings()) == [4, 0, 2, 1, 3] * 2
