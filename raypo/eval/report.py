@@ -93,10 +93,10 @@ def _training_curves(inputs: RunFiles, plots_dir: Path, report: _Report) -> None
         return
     panels = []
     for title, ylabel, names in _CURVES:
-        series = {label: series(inputs.metrics, name) for label, name in names.items()}
-        series = {label: points for label, points in series.items() if points[0]}
-        if series:
-            panels.append(plots.Panel(title, ylabel, series))
+        logged = {label: series(inputs.metrics, name) for label, name in names.items()}
+        logged = {label: points for label, points in logged.items() if points[0]}
+        if logged:
+            panels.append(plots.Panel(title, ylabel, logged))
     if not panels:
         reason = f"{METRICS} has no loss, rewards/accuracies or rewards/margins values"
         report.missing.append(("Training curves", reason))
