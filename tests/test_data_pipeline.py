@@ -282,8 +282,8 @@ def test_subsets_reach_the_evaluation_as_groups(ray_session, tmp_path: Path) -> 
 
 def test_sft_data_through_the_pipeline(ray_session, tmp_path: Path) -> None:
     """Prompt/completion and messages rows prepared for ``raypo sft``: accepted with empty
-    rejected ids, malformed rows in rejects.jsonl at their lines; ``raypo train``'s preparation
-    rejects every such row, naming ``raypo sft``."""
+    rejected ids, malformed rows in rejects.jsonl at their lines (that preference training
+    rejects such rows is tests/test_data_readers.py's, without Ray)."""
     user = {"role": "user", "content": "Hi"}
     reply = {"role": "assistant", "content": "Hello there."}
     rows = [
@@ -306,7 +306,3 @@ def test_sft_data_through_the_pipeline(ray_session, tmp_path: Path) -> None:
         *read_split(prepared.split_path("eval")).take_all(),
     ]
     assert all(len(row["rejected_ids"]) == 0 < len(row["chosen_ids"]) for row in accepted)
-    with pytest.raises(DataQualityError, match="missing_field"):
-        prepare_pairs(config)
-    rejects = [json.loads(line) for line in prepared.rejects_path.read_text().splitlines()]
-    assert sum("raypo sft" in r["detail"] for r in rejects) == 9  # all but the malformed lines
