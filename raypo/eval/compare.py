@@ -56,6 +56,9 @@ from raypo.eval.run_files import (
 from raypo.objectives import OBJECTIVES
 from raypo.run_layout import RunLayout
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+"""Point markers of the runs' curves, in order."""
+
 Missing = list[tuple[str, str]]
 """(section title, reason) of every figure or table part a run could not give."""
 
@@ -72,20 +75,27 @@ class LabelledRun:
     """A run with its label and colour in the figures and tables."""
 
     label: str
-    """``<directory name> (<loss.type>)``."""
+    """``<directory name> (<loss.type>)``, or the name alone when it is the objective's."""
     run: RunFiles
     color: int
     """matplotlib colour-cycle index."""
 
+    @property
+    def marker(self) -> str:
+        """The run's point marker in curves."""
+        return _MARKERS[self.color % len(_MARKERS)]
+
 
 def label_runs(runs: Sequence[RunFiles]) -> list[LabelledRun]:
-    """Each run labelled with its directory's name and its objective; a name that two runs share
-    gets the run's position."""
+    """Each run labelled with its directory's name and its objective (the name alone when it is
+    the objective's); a name that two runs share gets the run's position."""
     names = [run.layout.root.name for run in runs]
     labelled = []
     for index, (name, run) in enumerate(zip(names, runs, strict=True)):
         tag = name if names.count(name) == 1 else f"{name} #{index + 1}"
-        labelled.append(LabelledRun(f"{tag} ({run.config.loss.type})", run, index))
+        loss = run.config.loss.type
+        label = tag if tag == loss else f"{tag} ({loss})"
+        labelled.append(LabelledRun(label, run, index))
     return labelled
 
 
@@ -106,7 +116,9 @@ def curves_figure(runs: Sequence[LabelledRun], path: Path, missing: Missing) -> 
             if train[0]:
                 lines.append(plots.Line(f"{item.label} train", train, item.color, ":", ""))
             if held[0]:
-                lines.append(plots.Line(f"{item.label} held-out", held, item.color))
+                lines.append(
+                    plots.Line(f"{item.label} held-out", held, item.color, "-", item.marker)
+                )
         if lines:
             panels.append(plots.LinePanel(title, ylabel, lines))
     for item in runs:
@@ -125,7 +137,7 @@ def dynamics_figure(runs: Sequence[LabelledRun], path: Path, missing: Missing) -
         metrics = item.run.metrics
         policy, reference = series(metrics, ENTROPY), series(metrics, REFERENCE_ENTROPY)
         if policy[0]:
-            entropy.append(plots.Line(f"{item.label} policy", policy, item.color))
+            entropy.append(plots.Line(f"{item.label} policy", policy, item.color, "-", item.marker))
         else:
             _note(missing, "Policy entropy over training", runs, item, entropy_missing(item.run))
         if policy[0] and reference[0]:
@@ -133,7 +145,7 @@ def dynamics_figure(runs: Sequence[LabelledRun], path: Path, missing: Missing) -
             entropy.append(line)
         tokens = series(metrics, COMPLETION_TOKENS)
         if tokens[0]:
-            length.append(plots.Line(item.label, tokens, item.color))
+            length.append(plots.Line(item.label, tokens, item.color, "-", item.marker))
         else:
             title = "Completion length over training"
             _note(missing, title, runs, item, length_missing(item.run))

@@ -218,7 +218,8 @@ class Line:
     linestyle: str = "-"
     """matplotlib's line style: ``--`` for a reference level, which is not measured."""
     marker: str = "o"
-    """Point marker; empty for a dense curve (training batches, a reference level)."""
+    """Point marker, one shape per run; empty for a dense curve (training batches, a reference
+    level)."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,9 @@ def line_panels(panels: Sequence[LinePanel], title: str, path: Path) -> Path:
                 color=f"C{line.color}",
                 linestyle=line.linestyle,
                 marker=line.marker or None,
-                markersize=3,
+                markersize=5,
+                # Hollow: where two runs' curves coincide, both runs' marker shapes still show.
+                fillstyle="none",
                 label=line.label,
             )
         axis.set_title(panel.title, fontsize="medium")
