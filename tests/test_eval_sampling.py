@@ -171,3 +171,32 @@ def test_cpu_vllm_rule_is_the_recorded_benchmark_crossing() -> None:
     # The embedded tiny model samples with transformers; the standard CPU benchmark Llama with vLLM.
     sizes = {row["size"]: row["parameters"] for row in data["sizes"]}
     assert sizes["tiny"] < sampling.CPU_VLLM_MIN_PARAMETERS <= sizes["standard"]
+
+
+def test_held_out_rows_prepared_for_sft_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run directory whose prepared/ came from raypo sft (empty rejected ids) is an error
+    naming the cause, not pairs whose accuracy would be "chosen reward > 0"."""
+    config = load_config(None, [f"--run_dir={tmp_path / 'run'}"])
+    (tmp_path / "run" / "prepared" / "split=eval").mkdir(parents=True)
+    rows = [
+        {"id": "a", "prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "group": ""},
+        {"id": "b", "prompt_ids": [1], "chosen_ids": [5, 6], "rejected_ids": [], "group": ""},
+    ]
+
+    class Split:
+        def __init__(self, rows: list[dict]) -> None:
+            self.rows = rows
+
+        def select_columns(self, columns: list[str]) -> Split:
+            return Split([{name: row[name] for name in columns} for row in self.rows])
+
+        def take_all(self) -> list[dict]:
+            return self.rows
+
+    monkeypatch.setattr(sampling, "read_split", lambda directory: Split(rows))
+    with pytest.raises(EvalError, match="prepared for raypo sft"):
+        sampling.load_eval_pairs(config)
+    monkeypatch.setattr(sampling, "read_split", lambda directory: Split(rows[:1]))
+    assert [pair.rejected_ids for pair in sampling.load_eval_pairs(config)] == [[4]]

@@ -171,7 +171,7 @@ def choose_backend(requested: str, model_path: str, *, gpus: bool) -> BackendCho
 
 def load_eval_pairs(config: RaypoConfig) -> list[EvalPair]:
     """The run's held-out pairs sorted by id; the data stage runs first when RUN_DIR has no
-    ``prepared/``."""
+    ``prepared/``. Data prepared for ``raypo sft`` (no rejected completions) is an error."""
     layout = RunLayout(config.run_path)
     prepared = layout.prepared
     if not prepared.exists():
@@ -195,6 +195,14 @@ def load_eval_pairs(config: RaypoConfig) -> list[EvalPair]:
         )
         for row in rows
     ]
+    if any(not pair.rejected_ids for pair in pairs):
+        # raypo sft prepares its rows with empty rejected ids; scoring them as pairs would
+        # silently measure "chosen reward > 0".
+        raise EvalError(
+            f"{prepared} was prepared for raypo sft (held-out rows without a rejected "
+            "completion): evaluate a preference run, or give eval.policy the SFT model with a "
+            "new run_dir and data.path of preference pairs"
+        )
     return sorted(pairs, key=lambda pair: pair.id)
 
 
