@@ -364,14 +364,15 @@ def paired_difference(
     return Interval(float(diff.mean()), float(low), float(high), len(seeds))
 
 
-def dispersion_quintiles(test: list[dict], settings: Settings) -> list[int]:
+def dispersion_quintiles(test: list[dict]) -> list[int]:
     """The quintile (0 = lowest ``Hn(x)``, most agreement) of every test pair's reference
-    dispersion."""
+    dispersion, bucketed as ``raypo report`` buckets held-out pairs."""
     import numpy as np
 
+    from raypo.eval.heldout import bucket_of
+
     hn = np.array([(r["ref_hn_chosen"] + r["ref_hn_rejected"]) / 2 for r in test])
-    edges = np.quantile(hn, [0.2, 0.4, 0.6, 0.8])
-    return [int(q) for q in np.searchsorted(edges, hn, side="right")]
+    return bucket_of(hn).tolist()
 
 
 def _verdict(interval: Interval) -> str:
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run_jobs(fitted, train, test, jobs, settings, args.processes)
     headline = [r for r in results if r.dpo_beta == args.betas[0]]
     differences = _difference_rows(results, args.bootstrap)
-    quintiles = _quintile_rows(headline, dispersion_quintiles(test, settings))
+    quintiles = _quintile_rows(headline, dispersion_quintiles(test))
     strengths = _strength_rows(results, settings)
     reference_accuracy = statistics.fmean(
         float(r["ref_chosen_logps"] > r["ref_rejected_logps"]) for r in test

@@ -327,4 +327,4 @@ def test_hh_tiny_paired_difference_covers_seeds_and_test_pairs() -> None:
 
 def test_hh_tiny_quintiles_split_the_test_pairs_by_reference_entropy() -> None:
     test = [{"ref_hn_chosen": v, "ref_hn_rejected": v} for v in [0.9, 0.1, 0.5, 0.3, 0.7] * 2]
-    assert hh_tiny.dispersion_quintiles(test, hh_tiny.Settings()) == [4, 0, 2, 1, 3] * 2
+    assert hh_tiny.dispersion_quintiles(test) == [4, 0, 2, 1, 3] * 2
