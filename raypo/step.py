@@ -73,14 +73,15 @@ class StepResult:
     apply ``dispersion/*``, ``mixdpo/*``, ``likelihood/accuracies`` (the fraction of pairs whose
     chosen completion the policy finds likelier), ``reference/accuracies`` (the same for the
     reference model), ``aux_loss`` (a Mixture-of-Experts policy's router
-    load-balancing loss, already weighted into ``loss``) and, with ``policy_entropy``,
+    load-balancing loss, already weighted into ``loss``) and, with ``held_out``,
     ``entropy/policy`` and ``entropy/reference``: the mean over pairs of ``policy_hn`` and
     ``reference_hn`` of :attr:`per_pair`."""
     tokens: Tensor
     """Real (non-padding) tokens of the forward, prompt and completions of both halves: a 0-dim
     int64 tensor on the batch's device, so that the caller decides when to wait for it."""
     per_pair: dict[str, Tensor] = field(default_factory=dict)
-    """Detached ``[B]`` values of each pair, what the held-out evaluation records pair by pair:
+    """Detached ``[B]`` values of each pair, what the held-out evaluation records pair by pair
+    (only with ``held_out``; empty otherwise, as training reads none of it):
     ``reward_chosen`` and ``reward_rejected`` (the implicit rewards of ``rewards/*``), and where
     known ``reference_hn`` and ``policy_hn``, the pair's normalised entropy
     ``Hn(x) = (Hn(y_w) + Hn(y_l)) / 2`` under the reference and the policy (unclamped)."""
@@ -95,7 +96,7 @@ def preference_step(
     reference_context: Callable[[], AbstractContextManager[Any]] | None = None,
     strength: StrengthDistribution | None = None,
     forward: ForwardSettings = ForwardSettings(),
-    policy_entropy: bool = False,
+    held_out: bool = False,
 ) -> StepResult:
     """Loss and metrics of ``loss.type`` on one batch (see the module docstring for the order).
 
@@ -113,9 +114,10 @@ def preference_step(
             computes the base weights' outputs inside; None = no context.
         strength: the MixDPO strength distribution (``loss.type: mixdpo``).
         forward: chunking and ZeRO-3 handling of both forwards, the router loss's weight.
-        policy_entropy: also compute the policy's normalised entropy over the completions
-            (``entropy/policy``, and ``entropy/reference`` where the reference's is known):
-            one more pass over each chunk of logits, which the held-out evaluation pays.
+        held_out: the held-out evaluation's step: also compute the policy's normalised entropy
+            over the completions (``entropy/policy``, and ``entropy/reference`` where the
+            reference's is known), one more pass over each chunk of logits, and
+            :attr:`StepResult.per_pair`; training leaves it off.
 
     Raises:
         ValueError: the objective needs reference values the batch does not carry, or
@@ -124,7 +126,7 @@ def preference_step(
     spec = objective(loss.type)
     coef = router_aux_loss_coef(policy, forward.router_aux_loss_coef)
     policy_stats, aux_loss = _policy_forward(
-        policy, batch, forward, with_aux_loss=coef != 0.0, compute_entropy=policy_entropy
+        policy, batch, forward, with_aux_loss=coef != 0.0, compute_entropy=held_out
     )
     # The reference is a constant of the objective: no graph, even when it is the policy's own
     # module (LoRA), whose embedding output may require grad for gradient checkpointing.
@@ -155,8 +157,9 @@ def preference_step(
     if "ref_chosen_logps" in reference:
         ref_margin = reference["ref_chosen_logps"] - reference["ref_rejected_logps"]
         metrics["reference/accuracies"] = (ref_margin > 0).float().mean()
-    per_pair = _per_pair(loss, pairs, policy_stats, reference)
-    if policy_entropy:
+    per_pair: dict[str, Tensor] = {}
+    if held_out:
+        per_pair = _per_pair(loss, pairs, policy_stats, reference)
         metrics["entropy/policy"] = per_pair["policy_hn"].mean()
         if "reference_hn" in per_pair:
             metrics["entropy/reference"] = per_pair["reference_hn"].mean()

@@ -102,17 +102,18 @@ def test_precomputed_columns_and_online_reference_give_the_same_step(
 def test_held_out_values_per_pair_equal_an_independent_float64_computation(
     models_and_batch,
 ) -> None:
-    """policy_entropy=True: per pair r_w, r_l = beta (logp - ref) and Hn(x) = (Hn(y_w) +
+    """held_out=True: per pair r_w, r_l = beta (logp - ref) and Hn(x) = (Hn(y_w) +
     Hn(y_l)) / 2 of policy and reference, as the held-out evaluation records them; the
-    entropy/* metrics are their means. Without it the policy's Hn is neither computed nor given."""
+    entropy/* metrics are their means. Without it neither the policy's Hn nor per_pair is
+    computed."""
     policy, reference, columns, pad = models_and_batch
     config = LossConfig(type="dpo", beta=0.5)
     batch = collate_pairs(columns, pad)
     with torch.no_grad():
-        result = preference_step(
-            policy, batch, config, reference_model=reference, policy_entropy=True
-        )
-        plain = preference_step(policy, batch | reference_columns(reference, batch), config)
+        result = preference_step(policy, batch, config, reference_model=reference, held_out=True)
+        precomputed = batch | reference_columns(reference, batch)
+        plain = preference_step(policy, precomputed, config)
+        stored = preference_step(policy, precomputed, config, held_out=True)
     pol, pol_hn = _float64_stats(policy, columns)
     ref, ref_hn = _float64_stats(reference, columns)
     size = len(columns["prompt_ids"])
@@ -126,9 +127,10 @@ def test_held_out_values_per_pair_equal_an_independent_float64_computation(
     np.testing.assert_allclose(values["policy_hn"], policy_hn, atol=1e-6)
     assert float(result.metrics["entropy/policy"]) == pytest.approx(policy_hn.mean(), abs=1e-6)
     # Precomputed columns carry the reference's entropies whatever the objective.
-    reference_hn = plain.per_pair["reference_hn"].double().numpy()
+    reference_hn = stored.per_pair["reference_hn"].double().numpy()
     np.testing.assert_allclose(reference_hn, (ref_hn[:size] + ref_hn[size:]) / 2, atol=1e-6)
-    assert "policy_hn" not in plain.per_pair and "entropy/policy" not in plain.metrics
+    # Training's step (held_out off) computes neither the policy's Hn nor any per-pair value.
+    assert plain.per_pair == {} and "entropy/policy" not in plain.metrics
     assert float(result.loss) == pytest.approx(float(plain.loss), rel=1e-6)
 
 

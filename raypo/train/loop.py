@@ -249,7 +249,8 @@ def build_worker(plan: WorkerPlan) -> Worker:
 
 def micro_batch_step(worker: Worker, micro: MicroBatch, held_out: bool = False) -> StepResult:
     """:func:`raypo.step.preference_step` of the policy on one collated micro-batch (with grad
-    when grad mode is on); ``held_out`` also measures the policy's entropy."""
+    when grad mode is on); ``held_out`` also measures the policy's entropy and the per-pair
+    values."""
     collated = collate_pairs(micro.rows, worker.tokenizer.pad_token_id)
     batch = {name: value.to(worker.device) for name, value in collated.items()}
     return preference_step(
@@ -260,7 +261,7 @@ def micro_batch_step(worker: Worker, micro: MicroBatch, held_out: bool = False) 
         reference_context=worker.reference_context,
         strength=worker.strength,
         forward=worker.forward,
-        policy_entropy=held_out,
+        held_out=held_out,
     )
 
 
