@@ -134,3 +134,37 @@ def test_generation_eval_needs_eval_steps() -> None:
         load_config(None, ["--eval.during_training_num_prompts=4", "--trainer.eval_steps=0"])
     config = load_config(None, ["--eval.during_training_num_prompts=4", "--trainer.eval_steps=5"])
     assert config.eval.during_training_num_prompts == 4
+
+
+@pytest.mark.parametrize(("steps", "evaluations"), [(4, [4]), (5, [4, 5])])
+def test_the_last_step_is_evaluated_once(monkeypatch: pytest.MonkeyPatch, steps, evaluations):
+    """A run whose last step is a multiple of trainer.eval_steps: _after_step evaluates it and
+    _finish reports those metrics with the final checkpoint without evaluating again."""
+    from types import SimpleNamespace
+
+    from raypo.train import loop
+    from raypo.train.checkpoint import TrainState
+
+    config = load_config(None, ["--trainer.eval_steps=2", "--trainer.logging_steps=100"])
+    worker = SimpleNamespace(config=config, rank=0, world_size=1, plan=SimpleNamespace())
+    worker.plan.step_callbacks = []
+    evaluated: list[int] = []
+    reported: list[tuple[int, dict]] = []
+
+    def evaluate(worker, step: int) -> dict[str, float]:
+        evaluated.append(step)
+        return {"eval/loss": float(step)}
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "_report", lambda metrics, state: None)
+    monkeypatch.setattr(loop, "_log_metrics", lambda worker, sums, seconds: {"loss": 0.0})
+    monkeypatch.setattr(
+        loop, "_checkpoint", lambda worker, metrics, state: reported.append((state.step, metrics))
+    )
+    state, progress = TrainState(), loop._Progress()
+    for _ in range(steps):
+        state.step += 1
+        loop._after_step(worker, state, progress)
+    loop._finish(worker, state, progress)
+    assert evaluated == [2, *evaluations]
+    assert reported == [(steps, {"loss": 0.0, "eval/loss": float(steps)})]

@@ -369,10 +369,12 @@ def _checkpoint(worker: Worker, metrics: dict[str, float], state: TrainState) ->
 
 @dataclass
 class _Progress:
-    """Metric sums since the last log line, and when that interval started."""
+    """Metric sums since the last log line, and when that interval started; the step and the
+    metrics of this process's last held-out evaluation."""
 
     sums: _Sums = field(default_factory=_Sums)
     started: float = field(default_factory=time.perf_counter)
+    evaluated: tuple[int, dict[str, float]] | None = None
 
     def flush(self, worker: Worker) -> dict[str, float]:
         """The interval's metrics averaged over all workers; starts a new interval."""
@@ -400,7 +402,9 @@ def _after_step(worker: Worker, state: TrainState, progress: _Progress) -> None:
     if state.step % trainer.logging_steps == 0:
         metrics_out = progress.flush(worker)
     if trainer.eval_steps and state.step % trainer.eval_steps == 0:
-        metrics_out |= evaluate(worker, state.step)
+        evaluation = evaluate(worker, state.step)
+        progress.evaluated = (state.step, evaluation)
+        metrics_out |= evaluation
     if trainer.save_steps and state.step % trainer.save_steps == 0:
         _checkpoint(worker, metrics_out, state)
     elif metrics_out:
@@ -449,10 +453,15 @@ def _train_epoch(
 
 
 def _finish(worker: Worker, state: TrainState, progress: _Progress) -> None:
-    """Last metrics, held-out evaluation and checkpoint of the run."""
+    """Last metrics, held-out evaluation and checkpoint of the run; a last step that
+    :func:`_after_step` has just evaluated is not evaluated again (its metrics are reported
+    once more with the final checkpoint)."""
     metrics_out = progress.flush(worker)
     if worker.config.trainer.eval_steps:
-        metrics_out |= evaluate(worker, state.step)
+        if progress.evaluated is not None and progress.evaluated[0] == state.step:
+            metrics_out |= progress.evaluated[1]
+        else:
+            metrics_out |= evaluate(worker, state.step)
     _checkpoint(worker, metrics_out, state)
 
 
