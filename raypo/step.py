@@ -11,9 +11,10 @@ optimizer. Data flows one way through it:
    DPOTrainer requests it;
 2. the reference values: the batch's precomputed ``ref_*`` columns, or one forward of an online
    reference model (:func:`raypo.forward.reference_columns`), with the normalised entropies only
-   when the objective needs the dispersion; nothing for reference-free objectives. With LoRA the
-   online reference is the policy itself with its adapters disabled (``reference_context``);
-   the policy's forward has run before, and its backward runs after the context is left;
+   when the objective needs the dispersion or for the held-out evaluation; nothing for
+   reference-free objectives. With LoRA the online reference is the policy itself with its
+   adapters disabled (``reference_context``); the policy's forward has run before, and its
+   backward runs after the context is left;
 3. the MallowsPO dispersion weight ``w(x)`` from the reference entropies
    (:func:`raypo.dispersion.dispersion_weight`), where the objective uses it;
 4. the objective and its metrics (:func:`raypo.losses.preference_loss`), plus
@@ -131,7 +132,7 @@ def preference_step(
     # The reference is a constant of the objective: no graph, even when it is the policy's own
     # module (LoRA), whose embedding output may require grad for gradient checkpointing.
     with torch.no_grad(), (reference_context or nullcontext)():
-        reference = _reference_values(spec, batch, reference_model, forward)
+        reference = _reference_values(spec, batch, reference_model, forward, held_out)
     dispersion = None
     if spec.uses_dispersion:
         hn_chosen, hn_rejected = reference["ref_hn_chosen"], reference["ref_hn_rejected"]
@@ -209,15 +210,18 @@ def _reference_values(
     batch: Mapping[str, Tensor],
     reference_model: nn.Module | None,
     forward: ForwardSettings,
+    held_out: bool,
 ) -> dict[str, Tensor]:
-    """The reference columns this step uses: from the online model, the batch, or none."""
+    """The reference columns this step uses: from the online model, the batch, or none. The
+    online reference computes its entropies where the objective uses the dispersion, and for
+    the held-out evaluation (``reference_hn``, by which ``raypo report`` buckets any run)."""
     if reference_model is not None:
         return reference_columns(
             reference_model,
             batch,
             forward.chunk_size,
             partitioned_head=forward.partitioned_head,
-            compute_entropy=spec.uses_dispersion,
+            compute_entropy=spec.uses_dispersion or held_out,
             padding_free=forward.padding_free,
         )
     columns = {name: value for name, value in batch.items() if name.startswith(REFERENCE_PREFIX)}
