@@ -322,3 +322,18 @@ def test_cli_report_lists_missing_inputs_and_rejects_bad_run_dirs(
     # No config.yaml: the CLI fails while loading the config, before the report runs.
     assert cli_main(["report", str(tmp_path / "absent")]) == 2
     assert "config.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path: Path) -> None:
+    """append_records' lines read back; a truncated line is a ValueError naming the file and
+    its line, not a bare JSONDecodeError."""
+    from raypo.eval.run_files import read_jsonl
+    from raypo.train.records import append_records
+
+    path = tmp_path / "heldout_pairs.jsonl"
+    append_records(path, 3, [{"id": "a"}, {"id": "b"}])
+    assert read_jsonl(path) == [{"step": 3, "id": "a"}, {"step": 3, "id": "b"}]
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('\n{"step": 4, "id"\n')
+    with pytest.raises(ValueError, match=r"heldout_pairs\.jsonl:4: not valid JSON"):
+        read_jsonl(path)

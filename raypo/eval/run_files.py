@@ -71,9 +71,19 @@ def read_json(path: Path) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every JSON object of the JSONL file at ``path``, blank lines skipped."""
+    """Every JSON object of the JSONL file at ``path``, blank lines skipped; a malformed line
+    is a ValueError naming the file and the line."""
+    records = []
     with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                problem = f"{path}:{number}: not valid JSON ({error}); rerun the step that wrote it"
+                raise ValueError(problem) from None
+    return records
 
 
 def read_run(layout: RunLayout, config: RaypoConfig | None = None) -> RunFiles:

@@ -31,11 +31,11 @@ def gather_records(records: list[dict[str, Any]], world_size: int) -> list[dict[
 
 
 def append_records(path: Path, step: int, records: list[dict[str, Any]]) -> None:
-    """Append ``records`` to the JSONL file at ``path``, each with ``step``."""
+    """Append ``records`` to the JSONL file at ``path``, each with ``step``, in one write."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": step, **record}) + "\n" for record in records]
     with path.open("a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps({"step": step, **record}) + "\n")
+        handle.write("".join(lines))
 
 
 def pair_records(ids: Sequence[str], per_pair: Mapping[str, Tensor]) -> list[dict[str, Any]]:
