@@ -17,10 +17,8 @@ from typing import Any
 
 from raypo.config import RaypoConfig, load_config
 from raypo.eval.heldout import HeldOut, last_evaluation
+from raypo.eval.plots import Series
 from raypo.run_layout import RunLayout
-
-Series = tuple[list[float], list[float]]
-"""(steps, values) of one metric."""
 
 METRICS = RunLayout(Path()).metrics.name
 """``metrics.jsonl``, as the reports' messages name it."""
