@@ -72,10 +72,8 @@ def reference_fingerprint(config: RaypoConfig) -> str:
         "tokenizer": _path_state(resolve_model_path(config.model.tokenizer_path)),
         "reference_model": _path_state(resolve_model_path(config.reference_model_path)),
         "dtype": config.model.dtype,
+        "load_in_4bit": config.model.lora.load_in_4bit,
     }
-    if config.model.lora.load_in_4bit:
-        # Only when set: the fingerprints of the passes cached before 4-bit loading existed stay.
-        inputs["load_in_4bit"] = True
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
