@@ -183,3 +183,17 @@ def test_settings_and_out_are_refused_where_they_do_not_apply(
     assert cli_main(["report", str(first), "--out", str(tmp_path / "x")]) == 2
     assert "--out is for a comparison" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_reward_model_figure_without_baseline_scores(tmp_path: Path) -> None:
+    """Samples scored for the policy only: the histogram shows the policy's scores and leaves
+    the baseline out instead of failing."""
+    from types import SimpleNamespace
+
+    from raypo.eval.compare import LabelledRun, reward_model_figure
+
+    samples = [{"policy_reward": value, "baseline_reward": None} for value in (0.5, 1.0, 2.0)]
+    run = SimpleNamespace(samples=samples, results={"baseline": "reference"})
+    missing: list[tuple[str, str]] = []
+    path = reward_model_figure([LabelledRun("dpo", run, 0)], tmp_path / "rm.png", missing)
+    assert path is not None and path.is_file() and missing == []

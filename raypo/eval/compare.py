@@ -301,7 +301,8 @@ def _scores(run: RunFiles, side: str) -> np.ndarray | None:
 
 
 def reward_model_figure(runs: Sequence[LabelledRun], path: Path, missing: Missing) -> Path | None:
-    """Reward-model scores of each policy's samples and of the first scored run's baseline."""
+    """Reward-model scores of each policy's samples and of the first scored run's baseline
+    (left out when its samples carry no baseline scores)."""
     title = "Reward-model scores"
     samples, colors, baseline = {}, [], None
     for item in runs:
@@ -319,8 +320,10 @@ def reward_model_figure(runs: Sequence[LabelledRun], path: Path, missing: Missin
         colors.append(item.color)
     if baseline is None:
         return None
-    samples[f"baseline ({baseline.run.results['baseline']})"] = _scores(baseline.run, "baseline")
-    colors.append(len(runs))
+    baseline_scores = _scores(baseline.run, "baseline")
+    if baseline_scores is not None:
+        samples[f"baseline ({baseline.run.results['baseline']})"] = baseline_scores
+        colors.append(len(runs))
     panel = plots.HistogramPanel(
         "Policy samples and the baseline", "reward-model score", samples, colors
     )
