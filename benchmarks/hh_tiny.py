@@ -128,6 +128,25 @@ def fit_tiny(work: Path, settings: Settings, limit: int | None) -> tuple[Path, l
     return fitted, train, test
 
 
+def prepare_study(work: Path, settings: Settings, limit: int | None) -> tuple[Path, list, list]:
+    """The fitted model and the two splits with their reference columns; kept in ``work`` and
+    taken from there when an earlier call with the same settings left them (``--work-dir``)."""
+    from raypo.models import load_policy
+
+    cache = work / "study_rows.json"
+    key = dataclasses.asdict(settings) | {"limit": limit}
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved["settings"] != key:
+            raise ValueError(f"{cache} was made with other settings: {saved['settings']}")
+        return work / "fitted", saved["train"], saved["test"]
+    fitted, train, test = fit_tiny(work, settings, limit)
+    reference, tokenizer = load_policy(str(fitted), "fp32")
+    add_reference_columns(reference.eval(), train + test, tokenizer.pad_token_id, 16)
+    cache.write_text(json.dumps({"settings": key, "train": train, "test": test}))
+    return fitted, train, test
+
+
 def _loss_config(name: str, beta: float, settings: Settings) -> Any:
     from raypo.config import LossConfig
 
@@ -316,24 +335,38 @@ def _train_in_worker(
 
 
 def run_jobs(
-    fitted: Path, train: list, test: list, jobs: list[Job], settings: Settings, processes: int
+    fitted: Path,
+    train: list,
+    test: list,
+    jobs: list[Job],
+    settings: Settings,
+    processes: int,
+    log: Path,
 ) -> list[RunResult]:
-    """Every job, ``processes`` at a time, each result printed as it arrives."""
+    """Every job, ``processes`` at a time, each result appended to ``log`` (JSON lines) and
+    printed as it arrives; jobs already in ``log`` are taken from it, not run again."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    results = []
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            result = RunResult(**json.loads(line))
+            done[(result.objective, result.seed, result.dpo_beta)] = result
+    todo = [job for job in jobs if (job.objective, job.seed, job.dpo_beta) not in done]
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         futures = [
-            pool.submit(_train_in_worker, fitted, train, test, job, settings) for job in jobs
+            pool.submit(_train_in_worker, fitted, train, test, job, settings) for job in todo
         ]
         for future in futures:
             result = future.result()
+            with log.open("a") as handle:
+                handle.write(json.dumps(dataclasses.asdict(result)) + "\n")
             summary = dataclasses.asdict(result) | {"test_accuracy": result.test_accuracy}
             summary.pop("test_margins")
             print(json.dumps(summary), flush=True)
-            results.append(result)
-    return results
+            done[(result.objective, result.seed, result.dpo_beta)] = result
+    return [done[(job.objective, job.seed, job.dpo_beta)] for job in jobs]
 
 
 def paired_difference(
@@ -524,7 +557,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=2, help="runs trained at once")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap samples")
     parser.add_argument("--quick", action="store_true", help="200 pairs, few steps (smoke test)")
-    parser.add_argument("--work-dir", type=Path, help="keep the fitted model here")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep the fitted model, reference columns and finished runs here; a rerun with the "
+        "same settings takes them from there",
+    )
     add_output_argument(parser, "hh_tiny")
     return parser.parse_args(argv)
 
@@ -555,15 +593,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         settings = dataclasses.replace(settings, epochs=0.2, test_pairs=40, fit_steps=20)
         limit = 200
-    from raypo.models import load_policy
-
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
-        fitted, train, test = fit_tiny(work, settings, limit)
-        reference, tokenizer = load_policy(str(fitted), "fp32")
-        add_reference_columns(reference.eval(), train + test, tokenizer.pad_token_id, 16)
+        fitted, train, test = prepare_study(work, settings, limit)
         jobs = study_jobs(args, dispersion_weights(train, settings), settings)
-        results = run_jobs(fitted, train, test, jobs, settings, args.processes)
+        log = work / "runs.jsonl"
+        results = run_jobs(fitted, train, test, jobs, settings, args.processes, log)
     headline = [r for r in results if r.dpo_beta == args.betas[0]]
     differences = _difference_rows(results, args.bootstrap)
     quintiles = _quintile_rows(headline, dispersion_quintiles(test))
