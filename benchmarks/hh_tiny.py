@@ -503,6 +503,7 @@ def _findings(differences: list[dict], quintiles: list[dict], strengths: list[di
 def _figure(differences: list[dict], quintiles: list[dict]) -> Any:
     figure, axes = new_figure(ncols=2, size=(5.5, 4.0))
     left, right = axes[0]
+    colours = {name: f"C{index}" for index, name in enumerate(OBJECTIVES)}
     names = list(dict.fromkeys(r["objective"] for r in differences if "difference" in r))
     for offset, name in enumerate(names):
         rows = [r for r in differences if r["objective"] == name and "difference" in r]
@@ -512,16 +513,23 @@ def _figure(differences: list[dict], quintiles: list[dict]) -> Any:
             [r["difference"] - r["low"] for r in rows],
             [r["high"] - r["difference"] for r in rows],
         ]
-        left.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=name)
+        left.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=name, color=colours.get(name))
+    betas = sorted(dict.fromkeys(r["dpo_beta"] for r in differences))
     left.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
     left.set_xscale("log")
+    left.set_xticks(betas, [f"{beta:g}" for beta in betas])
+    left.minorticks_off()
     left.set_xlabel("DPO beta the run is matched to")
     left.set_ylabel("accuracy - DPO's (points), 95% CI")
     left.set_title("Paired difference from DPO (seeds x test pairs)", fontsize=10)
     left.legend(fontsize=8)
     for row in quintiles:
         right.plot(
-            range(1, 6), [row[f"q{q}"] for q in range(1, 6)], marker="o", label=row["objective"]
+            range(1, 6),
+            [row[f"q{q}"] for q in range(1, 6)],
+            marker="o",
+            label=row["objective"],
+            color=colours.get(row["objective"]),
         )
     right.set_xticks(range(1, 6))
     right.set_xlabel("reference dispersion quintile (1 = lowest Hn(x))")
