@@ -301,8 +301,14 @@ def test_sft_data_through_the_pipeline(ray_session, tmp_path: Path) -> None:
     expected = [(n, "malformed_json") for n in (3, 7, 11)]
     expected += [(n, "invalid_messages") for n in (4, 8, 12)]
     assert sorted((r["row"], r["reason"]) for r in rejects) == sorted(expected)
+    # Six rows at eval_fraction 0.1 leave the held-out split empty in about half of the
+    # temporary paths (the split hashes the pair ids): only splits with rows are written.
     accepted = [
-        *read_split(prepared.split_path("train")).take_all(),
-        *read_split(prepared.split_path("eval")).take_all(),
+        row
+        for split in ("train", "eval")
+        if prepared.split_counts.get(split, 0)
+        for row in read_split(prepared.split_path(split)).take_all()
     ]
-    assert all(len(row["rejected_ids"]) == 0 < len(row["chosen_ids"]) for row in accepted)
+    assert len(accepted) == 6 and all(
+        len(row["rejected_ids"]) == 0 < len(row["chosen_ids"]) for row in accepted
+    )
