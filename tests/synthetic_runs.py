@@ -1,9 +1,11 @@
 """Hand-made training outputs for the report tests: metrics.jsonl and heldout_pairs.jsonl as
-raypo train writes them (raypo.train.metrics, raypo.train.records), with chosen numbers."""
+raypo train writes them (raypo.train.metrics, raypo.train.records), with chosen numbers; and the
+readers those tests check the report's PNGs and markdown tables with."""
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,22 @@ def write_metrics(
                 held_out |= dynamics_records(step, 0.5 - 0.01 * step + shift, 20.0 + step)
             rows.append({"step": step, "epoch": 0, "time": 1.7e9 + 10 * step + 5, **held_out})
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk; fails on anything that is not a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+def table_rows(markdown: str, header: str) -> list[list[str]]:
+    """Cells of the markdown table whose header row starts with ``header``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows

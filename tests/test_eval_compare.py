@@ -4,12 +4,11 @@ save_config, metrics.jsonl and heldout_pairs.jsonl by tests/synthetic_runs.py. N
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic_runs import REFERENCE_HN, write_heldout_pairs, write_metrics
+from synthetic_runs import REFERENCE_HN, png_size, table_rows, write_heldout_pairs, write_metrics
 
 from raypo.cli import main as cli_main
 from raypo.config import config_from_dict, save_config
@@ -45,23 +44,6 @@ def _run(root: Path, name: str, loss_type: str, margins: list[float], shift: flo
     write_metrics(run, shift=shift)
     write_heldout_pairs(run, {4: [0.0] * 10, 8: margins})
     return run
-
-
-def _png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
-    return struct.unpack(">II", data[16:24])
-
-
-def _table(markdown: str, header: str) -> list[list[str]]:
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def test_last_evaluation_takes_the_last_step_once_per_pair() -> None:
@@ -111,12 +93,12 @@ def test_report_of_two_runs_writes_the_comparison_beside_them(
     assert default_output([dpo, mallows]) == report.parent
     text = report.read_text()
     for name in COMPARISON_PLOTS:
-        width, height = _png_size(report.parent / "plots" / name)
+        width, height = png_size(report.parent / "plots" / name)
         assert width >= 800 and height >= 300, name
         assert f"](plots/{name})" in text, name
     labels = ["dpo-run (dpo)", "mallows-run (mallows_theta)"]
     assert text.startswith(f"# raypo comparison: {labels[0]} vs {labels[1]}")
-    headline = {row[0]: row[1:] for row in _table(text, "| quantity |")}
+    headline = {row[0]: row[1:] for row in table_rows(text, "| quantity |")}
     assert headline["objective"] == [
         "dpo, beta 0.1",
         "mallows_theta, beta 0.1, dispersion scale 0.29",
@@ -129,7 +111,7 @@ def test_report_of_two_runs_writes_the_comparison_beside_them(
     assert headline["held-out accuracy, lowest / highest Hn(x) quintile"] == [
         "100.0% / 0.0%", "100.0% / 50.0%"
     ]  # fmt: skip
-    quintiles = _table(text, "| quintile | Hn(x) range | pairs |")
+    quintiles = table_rows(text, "| quintile | Hn(x) range | pairs |")
     accuracy = [[row[3], row[5]] for row in quintiles]
     assert accuracy == [
         ["100.0%", "100.0%"], ["50.0%", "100.0%"], ["50.0%", "50.0%"], ["50.0%", "100.0%"],
@@ -166,7 +148,7 @@ def test_a_run_without_the_new_records_is_compared_with_what_it_has(tmp_path: Pa
     assert (
         "**Completion length over training**: old (mixdpo): no completions were sampled" in missing
     )
-    quintiles = _table(text, "| quintile | Hn(x) range | pairs |")
+    quintiles = table_rows(text, "| quintile | Hn(x) range | pairs |")
     assert len(quintiles) == 5 and len(quintiles[0]) == 5  # only the run that has them
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(COMPARISON_PLOTS)
 

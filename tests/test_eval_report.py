@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.stats
-from synthetic_runs import write_heldout_pairs, write_metrics
+from synthetic_runs import png_size, table_rows, write_heldout_pairs, write_metrics
 
 from raypo.cli import main as cli_main
 from raypo.config import RaypoConfig, config_from_dict, save_config
@@ -159,25 +158,6 @@ def full_run(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return run, hn_pairs
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk; fails on anything that is not a PNG."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
-    return struct.unpack(">II", data[16:24])
-
-
-def _table_rows(markdown: str, header: str) -> list[list[str]]:
-    """Cells of the markdown table whose header row starts with ``header``."""
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
-
-
 def _section(markdown: str, title: str) -> str:
     return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
@@ -187,7 +167,7 @@ def test_full_report_has_every_plot_and_the_numbers(full_run: tuple[Path, Any]) 
     report = build_report(run)
     assert report == run / "eval" / "report.md"
     for name in ALL_PLOTS:
-        width, height = _png_size(run / "eval" / "plots" / name)
+        width, height = png_size(run / "eval" / "plots" / name)
         assert width >= 400 and height >= 300, name
         assert (run / "eval" / "plots" / name).stat().st_size > 10_000, name
     text = report.read_text()
@@ -216,7 +196,7 @@ def test_full_report_has_every_plot_and_the_numbers(full_run: tuple[Path, Any]) 
 
 def _check_quintile_table(text: str) -> None:
     """One row per quintile with the numbers worked out in FINAL_MARGINS' docstring."""
-    rows = _table_rows(text, "| quintile | Hn(x) range | pairs |")
+    rows = table_rows(text, "| quintile | Hn(x) range | pairs |")
     assert [row[0] for row in rows] == ["Q1", "Q2", "Q3", "Q4", "Q5"]
     for row, (hn_range, accuracy, margin, sem) in zip(rows, QUINTILES, strict=True):
         assert row[1:3] == [hn_range, "2"]
@@ -228,7 +208,7 @@ def _check_quintile_table(text: str) -> None:
 
 def _check_group_table(text: str) -> None:
     """The per-group table has one row per group of results.json, then overall, same numbers."""
-    rows = _table_rows(text, "| group | pairs |")
+    rows = table_rows(text, "| group | pairs |")
     expected = {**GROUPS, "**overall**": OVERALL}
     assert [row[0] for row in rows] == list(expected)
     for name, pairs, accuracy, margin_mean, margin_std in rows:
@@ -256,7 +236,7 @@ def test_no_reward_model_and_no_groups(tmp_path: Path) -> None:
     assert f"| Win rate vs baseline | n/a ({reason}) |" in text
     assert f"**Reward distributions**: {reason}" in _section(text, "Missing")
     assert "**Per-group bar plot**: 0 group(s)" in text
-    assert [row[0] for row in _table_rows(text, "| group | pairs |")] == ["**overall**"]
+    assert [row[0] for row in table_rows(text, "| group | pairs |")] == ["**overall**"]
     assert "the weight the loss applied to each pair" in text
     assert f"**Training curves**: no metrics.jsonl in {run}" in text
     assert "| Held-out implicit-reward accuracy (policy vs reference) | 57.9% (19 pairs" in text
