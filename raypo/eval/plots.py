@@ -231,6 +231,18 @@ class LinePanel:
     lines: Sequence[Line]
 
 
+def _finish_axis(axis: Any, title: str, xlabel: str, ylabel: str, legend_columns: int) -> None:
+    """Title, axis labels, a light grid and the legend below the axes of one side-by-side panel."""
+    axis.set_title(title, fontsize="medium")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    # Below the axes: inside, the legend hides parts of short, noisy curves and of histograms.
+    axis.legend(
+        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=legend_columns
+    )
+
+
 def line_panels(panels: Sequence[LinePanel], title: str, path: Path) -> Path:
     """Panels side by side, each with its curves, the legend below each panel."""
     figure, axes = _figure(len(panels), height=4.4)
@@ -248,12 +260,7 @@ def line_panels(panels: Sequence[LinePanel], title: str, path: Path) -> Path:
                 fillstyle="none",
                 label=line.label,
             )
-        axis.set_title(panel.title, fontsize="medium")
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel(panel.ylabel)
-        axis.grid(alpha=0.3)
-        # Below the axes: inside, the legend hides parts of short, noisy curves.
-        axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+        _finish_axis(axis, panel.title, "optimizer step", panel.ylabel, legend_columns=1)
     figure.suptitle(title)
     return _save(figure, path)
 
@@ -288,11 +295,7 @@ def histogram_panels(panels: Sequence[HistogramPanel], title: str, path: Path) -
             axis.axvline(mean, color=f"C{color}", linestyle="--", label=f"mean {mean:.3g}")
         if panel.zero_line:
             axis.axvline(0.0, color="black", linewidth=0.8)
-        axis.set_title(panel.title, fontsize="medium")
-        axis.set_xlabel(panel.xlabel)
-        axis.set_ylabel("pairs")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        _finish_axis(axis, panel.title, panel.xlabel, "pairs", legend_columns=2)
     figure.suptitle(title)
     return _save(figure, path)
 
