@@ -96,17 +96,14 @@ def job(command: str, config: Any, work: Path, label: str, timeout_s: float) -> 
 
 def parameter_counts(config: Any) -> dict[str, int]:
     """Trainable and total parameters of ``config``'s policy, built as a worker builds it."""
-    from raypo.lora import add_adapters
+    from raypo.lora import add_adapters, trainable_counts
     from raypo.models import load_policy
 
     model, _ = load_policy(config.model.name_or_path, **config.model.load_kwargs)
     if config.model.lora.enabled:
         model = add_adapters(model, config.model.lora)
-    params = list(model.parameters())
-    return {
-        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-        "total_params": sum(p.numel() for p in params),
-    }
+    trainable, total = trainable_counts(model)
+    return {"trainable_params": trainable, "total_params": total}
 
 
 def checkpoint_sizes(run_dir: Path) -> tuple[int, int]:

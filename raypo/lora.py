@@ -121,10 +121,16 @@ def parameter_count(param: nn.Parameter) -> int:
     return param.numel() if state is None else state.shape.numel()
 
 
-def trainable_summary(model: nn.Module) -> str:
-    """``N of M parameters trainable (x%)``: what the optimizer holds against the model."""
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of ``model``: what the optimizer holds against the model."""
     total = sum(parameter_count(param) for param in model.parameters())
     trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """``N of M parameters trainable (x%)``, from :func:`trainable_counts`."""
+    trainable, total = trainable_counts(model)
     return f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
 
 
