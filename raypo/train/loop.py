@@ -47,7 +47,7 @@ from raypo.train.checkpoint import (
 from raypo.train.deepspeed_config import deepspeed_config, reference_deepspeed_config
 from raypo.train.export import export_policy, export_strength
 from raypo.train.generation_eval import run_generation_eval
-from raypo.train.records import append_records, gather_records, pair_records
+from raypo.train.records import append_records, gather_records_to_rank_zero, pair_records
 from raypo.train.schedule import build_scheduler, data_progress
 from raypo.train.worker_plan import StepEvent, WorkerPlan
 
@@ -319,7 +319,7 @@ def _pair_eval(worker: Worker, step: int) -> dict[str, float]:
             records += pair_records(micro.ids, result.per_pair)
     worker.engine.module.train()
     means, pairs, _ = sums.reduce(worker.device)
-    records = gather_records(records, worker.world_size)
+    records = gather_records_to_rank_zero(records, worker.world_size)
     path = worker.plan.heldout_pairs_path
     if worker.rank == 0 and path is not None and records:
         append_records(Path(path), step, records)

@@ -30,6 +30,21 @@ def gather_records(records: list[dict[str, Any]], world_size: int) -> list[dict[
     return [record for part in gathered for record in part or []]
 
 
+def gather_records_to_rank_zero(
+    records: list[dict[str, Any]], world_size: int
+) -> list[dict[str, Any]]:
+    """Every rank's ``records`` in rank order on rank 0, none on the others (collective: all
+    ranks call it). For records only rank 0 writes: :func:`gather_records` would send every
+    rank a copy of them all."""
+    if world_size == 1 or not dist.is_initialized():
+        return records
+    gathered: list[list[dict[str, Any]] | None] | None = None
+    if dist.get_rank() == 0:
+        gathered = [None] * world_size
+    dist.gather_object(records, gathered, dst=0)
+    return [record for part in gathered or [] for record in part or []]
+
+
 def append_records(path: Path, step: int, records: list[dict[str, Any]]) -> None:
     """Append ``records`` to the JSONL file at ``path``, each with ``step``, in one write."""
     path.parent.mkdir(parents=True, exist_ok=True)
