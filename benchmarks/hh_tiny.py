@@ -1,8 +1,9 @@
 """Held-out implicit-reward accuracy of DPO, MallowsPO-theta/phi and MixDPO on the 1,800 HH pairs,
 at matched preference strength.
 
-The embedded tiny Llama is first fitted to the chosen dialogues of the training split
-(:func:`raypo.data.tiny_fit.fit_reference`, as ``model.tiny_fit_steps`` does); the fitted model
+The embedded tiny Llama is first fine-tuned on the chosen completions of the training split by
+``raypo sft`` (:func:`raypo.train.run.fit_tiny_model`, as ``model.tiny_fit_steps`` does, on one
+Ray Train worker); the fitted model
 is both the reference and every policy's starting point. The reference columns (log-probs and
 entropies) are computed once over all pairs. Each objective then trains for ``--epochs`` epochs
 over the training split with raypo's per-worker step (collate, :func:`raypo.step.preference_step`,
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import statistics
 import tempfile
@@ -61,38 +63,44 @@ class Settings:
     max_length: int = 256
     test_pairs: int = 300
     fit_steps: int = 200
-    """Steps of the next-token fit that makes the reference."""
+    """Steps of the `raypo sft` fit that makes the reference."""
     max_grad_norm: float = 1.0
 
 
-def split_pairs(tokenizer: Any, settings: Settings, limit: int | None) -> tuple[list, list]:
+def split_pairs(
+    tokenizer: Any, settings: Settings, limit: int | None
+) -> tuple[list, list, list[dict]]:
     """raypo's tokenisation of the HH pairs, shuffled once with seed 0 and cut into train and
-    test (``settings.test_pairs``); ``limit`` keeps only that many pairs first."""
+    test (``settings.test_pairs``), and the raw HH records of the training split (what the fit
+    reads); ``limit`` keeps only that many pairs first."""
     from raypo.config import DataConfig
     from raypo.data.formats import split_hh
     from raypo.data.records import PreferencePair
     from raypo.data.tokenize import TokenizedPair, tokenize_pairs
 
-    pairs = []
+    pairs, records = [], []
     for row, record in enumerate(hh_records(limit), start=1):
         try:
             prompt, chosen, rejected = split_hh(record["chosen"], record["rejected"])
         except ValueError:
             continue
         pairs.append(PreferencePair(f"hh:{row}", prompt, chosen, rejected, None, "hh", row))
+        records.append(record)
     data = DataConfig(
         max_length=settings.max_length, max_prompt_length=settings.max_length * 3 // 4
     )
     keys = ("prompt_ids", "chosen_ids", "rejected_ids")
     rows = [
-        {key: getattr(pair, key) for key in keys}
-        for pair in tokenize_pairs(pairs, tokenizer, data)
+        ({key: getattr(pair, key) for key in keys}, record)
+        for pair, record in zip(tokenize_pairs(pairs, tokenizer, data), records, strict=True)
         if isinstance(pair, TokenizedPair)
     ]
     random.Random(0).shuffle(rows)
     if len(rows) <= settings.test_pairs:
         raise ValueError(f"{len(rows)} usable pairs leave nothing to train beside the test split")
-    return rows[settings.test_pairs :], rows[: settings.test_pairs]
+    train = rows[settings.test_pairs :]
+    test = [row for row, _ in rows[: settings.test_pairs]]
+    return [row for row, _ in train], test, [record for _, record in train]
 
 
 def collate(rows: list[dict], pad_token_id: int) -> dict:
@@ -114,18 +122,35 @@ def add_reference_columns(model: Any, rows: list[dict], pad_token_id: int, size:
 
 
 def fit_tiny(work: Path, settings: Settings, limit: int | None) -> tuple[Path, list, list]:
-    """The tiny model fitted to the training split's chosen dialogues, and the two splits."""
-    from raypo.data.tiny_fit import fit_reference
+    """The tiny model fine-tuned on the training split's chosen completions, and the two
+    splits."""
+    from raypo.config import load_config
     from raypo.models import load_tokenizer, resolve_model_path
+    from raypo.ray_runtime import local_ray
+    from raypo.train.run import fit_tiny_model
 
-    source = resolve_model_path("tiny", cache_dir=work / "cache")
-    tokenizer = load_tokenizer(source)
-    train, test = split_pairs(tokenizer, settings, limit)
-    texts = [tokenizer.decode(row["prompt_ids"] + row["chosen_ids"]) for row in train]
-    fitted = fit_reference(
-        source, texts, work / "fitted", steps=settings.fit_steps, max_length=settings.max_length
+    os.environ["RAYPO_CACHE_DIR"] = str(work / "cache")
+    train, test, records = split_pairs(load_tokenizer(resolve_model_path("tiny")), settings, limit)
+    data = work / "fit_pairs.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    config = load_config(
+        None,
+        [
+            f"--run_dir={work / 'fit'}",
+            f"--data.path={data}",
+            "--data.schema=hh",
+            "--data.eval_fraction=0",
+            f"--data.max_length={settings.max_length}",
+            f"--data.max_prompt_length={settings.max_length * 3 // 4}",
+            "--data.num_cpus_per_op=0.5",
+            f"--model.tiny_fit_steps={settings.fit_steps}",
+            "--trainer.num_workers=1",
+            "--trainer.torch_adam=true",
+        ],
     )
-    return fitted, train, test
+    with local_ray():
+        fitted = fit_tiny_model(config, "hh_tiny")
+    return Path(fitted.model.name_or_path), train, test
 
 
 def prepare_study(work: Path, settings: Settings, limit: int | None) -> tuple[Path, list, list]:
@@ -139,11 +164,12 @@ def prepare_study(work: Path, settings: Settings, limit: int | None) -> tuple[Pa
         saved = json.loads(cache.read_text())
         if saved["settings"] != key:
             raise ValueError(f"{cache} was made with other settings: {saved['settings']}")
-        return work / "fitted", saved["train"], saved["test"]
+        return Path(saved["fitted"]), saved["train"], saved["test"]
     fitted, train, test = fit_tiny(work, settings, limit)
     reference, tokenizer = load_policy(str(fitted), "fp32")
     add_reference_columns(reference.eval(), train + test, tokenizer.pad_token_id, 16)
-    cache.write_text(json.dumps({"settings": key, "train": train, "test": test}))
+    saved = {"settings": key, "fitted": str(fitted), "train": train, "test": test}
+    cache.write_text(json.dumps(saved))
     return fitted, train, test
 
 

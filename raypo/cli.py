@@ -35,9 +35,9 @@ from raypo.run_lock import refuse_if_locked
 from raypo.trl_names import TRL_FIELDS
 
 COMMANDS: dict[str, str] = {
-    "prepare": "raypo.data.prepare:main",
+    "prepare": "raypo.train.commands:prepare_main",
     "train": "raypo.train.run:main",
-    "sft": "raypo.sft.run:main",
+    "sft": "raypo.train.commands:sft_main",
     "eval": "raypo.eval.run:main",
     "tune": "raypo.tune.run:main",
     "report": "raypo.eval.report:main",

@@ -133,9 +133,10 @@ class ModelConfig(Section):
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters instead of full fine-tuning (:class:`LoraConfig`); off by default."""
     tiny_fit_steps: int = bounded(0, ">= 0")
-    """Only for ``name_or_path: tiny``: optimizer steps of next-token fitting on the training
-    data's chosen responses before preference training, so that the reference (the fitted model)
-    is not random; 0 = keep the random initialisation."""
+    """Only for ``name_or_path: tiny``: steps of a ``raypo sft`` run on the training split's
+    chosen completions into ``RUN_DIR/tiny-fit`` before preference training, whose ``final/``
+    is then the policy and the reference, so that the reference is not random; 0 = keep the
+    random initialisation."""
 
     @property
     def tokenizer_path(self) -> str:
@@ -254,8 +255,8 @@ class DataConfig(Section):
     shuffle: bool = True
     """Shuffle the training pairs, deterministically from the run's ``seed`` and the pair ids;
     every epoch goes through them in that order. false = the order the prepared files hold them
-    in (the read order, except after a precomputed reference pass, whose actors write in the
-    order they finish)."""
+    in, the sources' (with ``preserve_order``), as TRL takes them; a precomputed reference pass
+    keeps it."""
     preserve_order: bool = True
     """Keep Ray Data's row order through preparation, the reference pass and the split over the
     workers, so that a run is a function of its config and seed: the same pairs reach the same

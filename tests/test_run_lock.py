@@ -125,17 +125,21 @@ def test_resume_takes_the_safe_changes_and_keeps_the_rest(tmp_path: Path) -> Non
 
 
 def test_resume_accepts_the_runs_fit_of_the_tiny_model_for_tiny(tmp_path: Path) -> None:
-    """A run given ``tiny`` saved the directory of its fit of it (raypo.data.prepare.configure);
+    """A run given ``tiny`` saved the ``final/`` of its fit of it (raypo.train.run.fit_tiny_model);
     the same CONFIG given again with --resume is the same run."""
-    from raypo.data.tiny_fit import FIT_REPORT
     from raypo.train.resume import resumed_config
+    from raypo.train.sft import TINY_FIT_REPORT
 
-    fitted = RunLayout(tmp_path / "run").tiny_fit
+    fit = RunLayout(tmp_path / "run").tiny_fit
+    fitted = fit / "final"
     fitted.mkdir(parents=True)
-    (fitted / FIT_REPORT).write_text('{"fingerprint": "f"}')
+    (fit / TINY_FIT_REPORT).write_text('{"fingerprint": "f"}')
     run = f"--run_dir={tmp_path / 'run'}"
     saved = load_config(
         None, [run, f"--model.name_or_path={fitted}", f"--model.tokenizer_name_or_path={fitted}"]
     )
     config = resumed_config(saved, load_config(None, [run]), "RUN/config.yaml")
     assert config.model.name_or_path == str(fitted)
+    (fit / TINY_FIT_REPORT).unlink()  # an unfinished fit is not the run's model
+    with pytest.raises(SystemExit, match="model.name_or_path"):
+        resumed_config(saved, load_config(None, [run]), "RUN/config.yaml")

@@ -11,10 +11,10 @@ from hh_pairs import hh_columns
 
 from raypo.data.collate import collate_pairs
 from raypo.models import load_policy
-from raypo.sft.loop import sft_micro_step
 from raypo.sft.step import COMPLETION_KEYS, sft_step
 from raypo.step import ForwardSettings
 from raypo.train.batches import MicroBatch
+from raypo.train.sft import sft_micro_step
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _float64_nll(model, columns) -> float:
 
 
 def _sft_batch(columns, pad_id: int) -> dict[str, torch.Tensor]:
-    """The prompt + chosen rows of the collated pairs, as :func:`raypo.sft.loop.sft_micro_step`
+    """The prompt + chosen rows of the collated pairs, as :func:`raypo.train.sft.sft_micro_step`
     takes them (padded to the longest pair, so that the shorter rows carry padding)."""
     collated = collate_pairs(columns, pad_id)
     size = len(columns["prompt_ids"])

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 from raypo.config import load_config
 from raypo.data.pipeline import read_split
 from raypo.data.prepare import prepare
-from raypo.data.tiny_fit import fit_reference
 from raypo.eval.report import build_report
 from raypo.generation import SamplingSettings
 from raypo.models import load_policy, load_tokenizer, resolve_model_path
@@ -162,13 +161,18 @@ def _check_generation_eval(run_path: Path, final_dir: Path, metrics: list[dict])
 
 
 def test_precomputed_and_online_reference_give_the_same_first_step(ray_session, tmp_path: Path):
-    """The reference differs from the policy (a briefly fitted copy), so h != 0 at step 1 and the
-    first loss depends on the reference log-probs; one worker keeps the pair order identical.
-    The two runs also take the two padding-free layouts (``auto``): bucketed under ZeRO-2 (and
-    in the reference pass), packed under ZeRO-3."""
-    tokenizer = load_tokenizer("tiny")
-    texts = [tokenizer.decode(tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"])] * 32
-    reference = fit_reference(resolve_model_path("tiny"), texts, tmp_path / "ref", steps=20)
+    """The reference differs from the policy (a copy with noise on every weight), so h != 0 at
+    step 1 and the first loss depends on the reference log-probs; one worker keeps the pair
+    order identical. The two runs also take the two padding-free layouts (``auto``): bucketed
+    under ZeRO-2 (and in the reference pass), packed under ZeRO-3."""
+    model, tokenizer = load_policy("tiny", "fp32")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    reference = tmp_path / "ref"
+    model.save_pretrained(reference)
+    tokenizer.save_pretrained(reference)
     losses = {}
     for mode, stage in (("precomputed", 2), ("online", 3)):
         config = _config(

@@ -1,53 +1,36 @@
 """Everything a run does before training, in one function: :func:`prepare`.
 
-read -> validate -> tokenise (:mod:`raypo.data.pipeline`) -> the tiny model's fit, when the run
-trains the embedded tiny model (:mod:`raypo.data.tiny_fit`) -> the reference pass, when it is
+read -> validate -> tokenise (:mod:`raypo.data.pipeline`) -> the reference pass, when it is
 precomputed (:mod:`raypo.data.reference`). ``raypo prepare`` runs it alone; ``raypo train`` runs
-it and trains on what it returns; ``raypo tune`` runs it once for all the trials of a sweep.
+it and trains on what it returns; ``raypo tune`` runs it once for all the trials of a sweep. The
+embedded tiny model's fit comes before it (:func:`raypo.train.run.fit_tiny_model`: a ``raypo
+sft`` run), so the config given here already names the fitted model.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from raypo.config import RaypoConfig
 from raypo.console import is_terminal, stage
-from raypo.data.pipeline import PreparedData, prepare_pairs, read_split
+from raypo.data.pipeline import PreparedData, prepare_pairs
 from raypo.data.reference import ReferencePass, run_reference_pass
-from raypo.data.tiny_fit import fit_reference, read_fit_report
-from raypo.data.validate import DataQualityError
-from raypo.models import TINY_NAME, load_tokenizer, resolve_model_path
 from raypo.ray_runtime import data_progress_bars, init_ray
-from raypo.run_layout import RunLayout
-
-FIT_TEXTS = 2000
-"""At most this many chosen dialogues are used to fit the tiny model."""
 
 
 @dataclass(frozen=True)
 class PreparedRun:
-    """The data a training run reads: tokenised splits, with reference columns when precomputed,
-    and the tiny model fitted to them."""
+    """The data a training run reads: tokenised splits, with reference columns when
+    precomputed."""
 
     data: PreparedData
     """Tokenised splits, rejects and summary under RUN_DIR."""
     reference: ReferencePass | None
     """The reference-annotated splits; None unless ``reference.mode`` is ``precomputed``."""
-    fitted_model: Path | None
-    """The embedded tiny model fitted to the chosen dialogues; None when the run brings its own
-    model (or ``model.tiny_fit_steps`` is 0)."""
     seconds: dict[str, float]
-    """Wall time of each stage: ``tokenise``, ``tiny_fit`` and ``reference`` (those that ran)."""
-
-    def configure(self, config: RaypoConfig) -> RaypoConfig:
-        """``config`` set to train on this preparation: the fitted tiny model (and its tokenizer)
-        in place of the embedded one."""
-        return _with_model(config, self.fitted_model)
+    """Wall time of each stage: ``tokenise`` and ``reference`` (those that ran)."""
 
     def split_path(self, split: str) -> Path:
         """Where the trainer reads ``split`` from (annotated when precomputed)."""
@@ -72,17 +55,11 @@ def prepare(
     data = prepare_pairs(config, sft=sft)
     seconds["tokenise"] = time.perf_counter() - started
     stage(command, data_line(config, data, seconds["tokenise"]))
-    fitted_model = None
-    if config.model.name_or_path == TINY_NAME and config.model.tiny_fit_steps > 0:
-        started = time.perf_counter()
-        fitted_model = fit_tiny(config, data)
-        seconds["tiny_fit"] = time.perf_counter() - started
-        stage(command, tiny_fit_line(fitted_model, seconds["tiny_fit"]))
     reference = None
     if reference_pass and config.reference.mode == "precomputed":
         started = time.perf_counter()
         with data_progress_bars(is_terminal()):
-            reference = run_reference_pass(_with_model(config, fitted_model), data)
+            reference = run_reference_pass(config, data)
         seconds["reference"] = time.perf_counter() - started
         pairs = sum(data.split_counts.values())
         state = "reused from the cache" if reference.cache_hit else "computed"
@@ -91,19 +68,7 @@ def prepare(
             f"reference pass: {pairs} pairs {state} in {seconds['reference']:.1f} s -> "
             f"{reference.directory}",
         )
-    return PreparedRun(data, reference, fitted_model, seconds)
-
-
-def tiny_fit_line(fitted_model: Path, seconds: float) -> str:
-    """The tiny fit's line: steps, texts, next-token loss before and after, time."""
-    report = read_fit_report(fitted_model) or {}
-    loss = ""
-    if "loss_before" in report:
-        loss = f", token loss {report['loss_before']:.2f} -> {report['loss_after']:.2f}"
-    return (
-        f"tiny fit: {report.get('steps', '?')} steps on {report.get('num_texts', '?')} chosen "
-        f"dialogues{loss} in {seconds:.1f} s -> {fitted_model}"
-    )
+    return PreparedRun(data, reference, seconds)
 
 
 def data_line(config: RaypoConfig, data: PreparedData, seconds: float) -> str:
@@ -121,32 +86,7 @@ def data_line(config: RaypoConfig, data: PreparedData, seconds: float) -> str:
     )
 
 
-def _with_model(config: RaypoConfig, fitted_model: Path | None) -> RaypoConfig:
-    if fitted_model is None:
-        return config
-    fitted = str(fitted_model)
-    model = dataclasses.replace(config.model, name_or_path=fitted, tokenizer_name_or_path=fitted)
-    return dataclasses.replace(config, model=model)
-
-
-def fit_tiny(config: RaypoConfig, data: PreparedData) -> Path:
-    """Fit the embedded tiny model to the chosen dialogues so the reference is not random;
-    returns the fitted model's directory (``RUN_DIR/tiny-fit``)."""
-    model = config.model
-    tokenizer = load_tokenizer(model.tokenizer_path, trust_remote_code=model.trust_remote_code)
-    rows = read_split(data.split_path("train")).limit(FIT_TEXTS).take_all()
-    texts = [tokenizer.decode(list(r["prompt_ids"]) + list(r["chosen_ids"])) for r in rows]
-    return fit_reference(
-        resolve_model_path(TINY_NAME),
-        texts,
-        RunLayout(config.run_path).tiny_fit,
-        steps=config.model.tiny_fit_steps,
-        max_length=config.data.max_length,
-        seed=config.seed,
-    )
-
-
-def _report(run: PreparedRun) -> str:
+def prepare_report(run: PreparedRun) -> str:
     """What ``raypo prepare`` prints after its stage lines: the per-reason table and where the
     outputs are."""
     lines = [
@@ -156,15 +96,3 @@ def _report(run: PreparedRun) -> str:
         f"summary: {run.data.summary_path}",
     ]
     return "\n".join(lines)
-
-
-def main(config: RaypoConfig, args: argparse.Namespace) -> int:
-    """CLI entry of ``raypo prepare``; prints the summary and where everything was written."""
-    del args
-    try:
-        run = prepare(config)
-    except DataQualityError as error:
-        print(f"raypo prepare: {error}", file=sys.stderr)
-        return 1
-    print(_report(run))
-    return 0

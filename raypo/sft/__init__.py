@@ -1,7 +1,7 @@
-"""``raypo sft``: supervised fine-tuning with the completion-only next-token loss.
+"""Supervised fine-tuning's mathematics: the completion-only next-token loss of one batch
+(:func:`raypo.sft.step.sft_step`), pure torch like :mod:`raypo.step`.
 
-The same data pipeline, driver and Ray Train + DeepSpeed worker loop as ``raypo train``
-(:mod:`raypo.train.run`); only the step differs: :func:`raypo.sft.step.sft_step` (the loss of
-one batch), run by the workers through :func:`raypo.sft.loop.sft_micro_step`. Its ``final/``
-is a Hugging Face model with its tokenizer, ready as ``raypo train``'s ``model.name_or_path``.
+``raypo sft`` runs it on ``raypo train``'s driver and Ray Train + DeepSpeed worker loop
+(:mod:`raypo.train.sft`); its ``final/`` is a Hugging Face model with its tokenizer, ready as
+``raypo train``'s ``model.name_or_path``.
 """

@@ -25,9 +25,9 @@ import pyarrow.fs
 import ray.train
 
 from raypo.config import RaypoConfig, config_from_dict, config_to_dict
-from raypo.data.tiny_fit import read_fit_report
 from raypo.models import TINY_NAME
 from raypo.train.manifest import CheckpointError, CheckpointInfo, verify_checkpoint
+from raypo.train.sft import is_tiny_fit_model
 from raypo.train.worker_plan import WorkerPlan
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _same_fitted_model(key: str, given: dict[str, Any], saved: dict[str, Any]) -
     """The saved config names the run's fit of ``tiny`` where the given one names ``tiny``."""
     if key not in _FITTED_MODEL_KEYS or given["model.name_or_path"] != TINY_NAME:
         return False
-    return given[key] in (None, TINY_NAME) and read_fit_report(saved[key]) is not None
+    return given[key] in (None, TINY_NAME) and is_tiny_fit_model(saved[key])
 
 
 def resumed_config(saved: RaypoConfig, given: RaypoConfig, config_file: str) -> RaypoConfig:

@@ -1,13 +1,14 @@
-"""``raypo train``: prepare the data, optionally fit the tiny model, then run Ray Train.
+"""``raypo train``: fit the tiny model if asked, prepare the data, then run Ray Train.
 
-The driver runs every stage before training (:func:`raypo.data.prepare.prepare`: data, tiny fit,
-reference pass), writes the resolved config to ``RUN_DIR/config.yaml`` and launches a
-``TorchTrainer`` whose workers run :func:`raypo.train.loop.train_worker` on one
-:class:`raypo.train.worker_plan.WorkerPlan`. Ray Train keeps its checkpoints under
-``trainer.storage_path`` (default ``RUN_DIR/ray``); a run restarted with the same storage path and
-name (``raypo train --resume RUN_DIR``) continues from the newest whole one, with the run's own
-settings (:mod:`raypo.train.resume`), and worker failures restart from the latest automatically up
-to ``trainer.max_failures`` times.
+The driver fits the embedded tiny model first when ``model.tiny_fit_steps`` asks for it (a
+``raypo sft`` run of this same driver: :func:`fit_tiny_model`), runs every stage before training
+(:func:`raypo.data.prepare.prepare`: data, reference pass), writes the resolved config to
+``RUN_DIR/config.yaml`` and launches a ``TorchTrainer`` whose workers run
+:func:`raypo.train.loop.train_worker` on one :class:`raypo.train.worker_plan.WorkerPlan`. Ray Train
+keeps its checkpoints under ``trainer.storage_path`` (default ``RUN_DIR/ray``); a run restarted
+with the same storage path and name (``raypo train --resume RUN_DIR``) continues from the newest
+whole one, with the run's own settings (:mod:`raypo.train.resume`), and worker failures restart
+from the latest automatically up to ``trainer.max_failures`` times.
 
 One run writes a run directory at a time: :class:`raypo.run_lock.RunLock` is taken before
 anything is written and released on every way out; a local Ray started here is stopped on every
@@ -21,10 +22,12 @@ import argparse
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -50,7 +53,7 @@ from raypo.run_layout import RunLayout
 from raypo.run_lock import RunLock
 from raypo.train.batches import pad_for_equal_split
 from raypo.train.generation_eval import select_prompts
-from raypo.train.metrics import MetricsLogger, TrackerRun
+from raypo.train.metrics import MetricsLogger, TrackerRun, read_metrics
 from raypo.train.progress import ProgressMonitor, summary_lines
 from raypo.train.resume import (
     ResumePoint,
@@ -62,6 +65,15 @@ from raypo.train.resume import (
     with_resume_point,
 )
 from raypo.train.schedule import total_training_steps
+from raypo.train.sft import (
+    SFT,
+    needs_tiny_fit,
+    read_tiny_fit,
+    tiny_fit_config,
+    tiny_fit_fingerprint,
+    with_model,
+    write_tiny_fit,
+)
 from raypo.train.worker_plan import PREFERENCE, Recipe, StepCallback, WorkerPlan
 
 logger = logging.getLogger(__name__)
@@ -213,9 +225,13 @@ def _worker_plan(
     )
 
 
-def _print_plan(config: RaypoConfig, plan: WorkerPlan, prepared: PreparedRun, command: str) -> None:
-    """The training stage's line: pairs, steps, batch, epochs, workers and forward layout."""
+def _print_plan(
+    config: RaypoConfig, plan: WorkerPlan, prepared: PreparedRun, recipe: Recipe
+) -> None:
+    """The training stage's line: pairs (SFT: rows), steps, batch, epochs, workers and forward
+    layout."""
     counts, trainer = prepared.data.split_counts, config.trainer
+    rows = "rows" if recipe.sft_data else "pairs"
     layout = padding_free_layout(
         trainer.padding_free, config.model.attn_implementation, trainer.zero_stage == 3
     )
@@ -223,9 +239,9 @@ def _print_plan(config: RaypoConfig, plan: WorkerPlan, prepared: PreparedRun, co
     per_step *= trainer.gradient_accumulation_steps
     epochs = plan.total_steps * per_step / max(1, counts["train"])
     stage(
-        command,
-        f"plan: {counts['train']} training pairs, {counts['eval']} held out; "
-        f"{plan.total_steps} steps of {per_step} pairs ({trainer.num_workers} workers x "
+        recipe.command,
+        f"plan: {counts['train']} training {rows}, {counts['eval']} held out; "
+        f"{plan.total_steps} steps of {per_step} {rows} ({trainer.num_workers} workers x "
         f"{trainer.per_device_batch_size} x {trainer.gradient_accumulation_steps} accumulated), "
         f"{epochs:.2f} epochs; {'GPU' if trainer.use_gpu else 'CPU'} workers, ZeRO-"
         f"{trainer.zero_stage}, forward layout {layout}",
@@ -336,14 +352,14 @@ def _fit(
     """Prepare (unless ``prepared``), then run Ray Train from ``point``."""
     _check_cluster(config)
     if prepared is None:
+        config = fit_tiny_model(config, recipe.command)
         prepared = prepare(
             config, recipe.command, reference_pass=recipe.uses_reference, sft=recipe.sft_data
         )
-    config = prepared.configure(config)
     save_config(config, RunLayout(config.run_path).config)
     plan = with_resume_point(_worker_plan(config, prepared, step_callbacks, recipe), point)
     datasets = _datasets(config, prepared)
-    _print_plan(config, plan, prepared, recipe.command)
+    _print_plan(config, plan, prepared, recipe)
     trainer_config = config.trainer
     resources = {"CPU": trainer_config.cpus_per_worker}
     if trainer_config.use_gpu:
@@ -377,6 +393,43 @@ def _fit(
     with ProgressMonitor(metrics_path, plan.total_steps, live=is_terminal()):
         result = _fit_interruptibly(trainer)
     return TrainResult(config.run_path, Path(plan.final_dir), dict(result.metrics or {}))
+
+
+def fit_tiny_model(config: RaypoConfig, command: str = "train") -> RaypoConfig:
+    """``config`` training the embedded tiny model after its fit, when ``model.tiny_fit_steps``
+    asks for one (else ``config`` itself): a ``raypo sft`` run into ``RUN_DIR/tiny-fit``
+    (:func:`raypo.train.sft.tiny_fit_config`) whose ``final/`` becomes the model, tokenizer and
+    reference. A finished fit with the same fingerprint is reused; anything else found there
+    (an interrupted fit, another fit's) is replaced: it is this run's own derived output."""
+    if not needs_tiny_fit(config):
+        return config
+    fit = tiny_fit_config(config)
+    final = RunLayout(fit.run_path).final
+    fingerprint = tiny_fit_fingerprint(fit)
+    report = read_tiny_fit(fit.run_path)
+    if report is not None and report["fingerprint"] == fingerprint:
+        stage(command, f"tiny fit: reused ({_fit_summary(report)}) -> {final}")
+        return with_model(config, final)
+    shutil.rmtree(fit.run_path, ignore_errors=True)
+    steps = config.model.tiny_fit_steps
+    stage(command, f"tiny fit: raypo sft of the embedded tiny model, {steps} steps")
+    started = time.perf_counter()
+    result = train(fit, recipe=dataclasses.replace(SFT, command=f"{command}: tiny fit"))
+    report = {
+        "fingerprint": fingerprint,
+        "steps": steps,
+        "losses": [round(m["loss"], 4) for m in read_metrics(fit.run_path) if "loss" in m],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_tiny_fit(fit.run_path, report)
+    stage(command, f"tiny fit: {_fit_summary(report)} -> {result.final_dir}")
+    return with_model(config, result.final_dir)
+
+
+def _fit_summary(report: dict[str, Any]) -> str:
+    """Steps, the logged completion loss (one mean per quarter of the fit) and the time."""
+    losses = ", ".join(f"{loss:.2f}" for loss in report["losses"])
+    return f"{report['steps']} steps, completion loss {losses} in {report['seconds']:.1f} s"
 
 
 def _fit_interruptibly(trainer: TorchTrainer) -> ray.train.Result:

@@ -37,7 +37,7 @@ the workers."""
 
 MicroStep = Callable[[Any, Any], Any]
 """A worker's step on one micro-batch: ``(Worker, MicroBatch) -> StepResult``
-(:mod:`raypo.train.loop`), e.g. ``raypo sft``'s :func:`raypo.sft.loop.sft_micro_step`. It must be
+(:mod:`raypo.train.loop`), e.g. ``raypo sft``'s :func:`raypo.train.sft.sft_micro_step`. It must be
 picklable (a module-level function): Ray ships it to the workers."""
 
 

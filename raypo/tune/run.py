@@ -40,7 +40,7 @@ from raypo.data.prepare import PreparedRun, prepare
 from raypo.data.validate import DataQualityError
 from raypo.ray_runtime import init_ray
 from raypo.run_layout import RunLayout
-from raypo.train.run import train
+from raypo.train.run import fit_tiny_model, train
 from raypo.train.worker_plan import StepCallback
 from raypo.tune.results import SweepResult, write_results
 from raypo.tune.space import apply_params, search_domains
@@ -99,8 +99,9 @@ def plan_sweep(config: RaypoConfig, step_callbacks: Sequence[StepCallback] = ())
             "the reference pass, so every trial prepares its own"
         )
         return SweepPlan(config, None, tuple(step_callbacks))
+    config = fit_tiny_model(config, "tune")
     prepared = prepare(config, command="tune")
-    return SweepPlan(prepared.configure(config), prepared, tuple(step_callbacks))
+    return SweepPlan(config, prepared, tuple(step_callbacks))
 
 
 class MetricReportCallback(TuneReportCallback):
