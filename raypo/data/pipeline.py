@@ -44,6 +44,12 @@ SPLITS = ("train", "eval", "rejected")
 TOKENIZE_BATCH = 256
 """Pairs tokenised per call; batching amortises the tokenizer's per-call overhead."""
 REJECT_COLUMNS = ("reason", "detail", "raw")
+SOURCE_ORDER = "source_order"
+"""Column: a row's place in source order, its source's place in the list of sources times
+:data:`ROWS_PER_SOURCE` plus its place among that source's rows. Ascending in the prepared split
+(with ``data.preserve_order``), so that a split rewritten out of order can be put back in it."""
+ROWS_PER_SOURCE = 2**40
+"""More rows than one source can hold: the :data:`SOURCE_ORDER` stride between sources."""
 SHUFFLE_KEY = "__raypo_shuffle_key__"
 """Temporary column :func:`read_split` sorts a shuffled split by."""
 SHUFFLE_BLOCK_ROWS = 4096
@@ -152,10 +158,22 @@ def _process_source(
     seed: int,
     sft: bool,
 ) -> Iterator[dict[str, Any]]:
-    """Read, validate and tokenise one source; one output row per row read."""
+    """Read, validate and tokenise one source; one output row per row read, numbered in
+    :data:`SOURCE_ORDER`."""
     source = Source(**json.loads(item["source"]))
-    fixed_split = item["fixed_split"] or None
     tokenizer = _tokenizer(tokenizer_path, trust_remote_code)
+    rows = _source_rows(source, item, data, tokenizer, seed, sft)
+    first = item["position"] * ROWS_PER_SOURCE
+    for offset, row in enumerate(rows):
+        row[SOURCE_ORDER] = first + offset
+        yield row
+
+
+def _source_rows(
+    source: Source, item: dict[str, Any], data: DataConfig, tokenizer: Any, seed: int, sft: bool
+) -> Iterator[dict[str, Any]]:
+    """``source``'s rows in the order it holds them, tokenised in batches."""
+    fixed_split = item["fixed_split"] or None
     pending: list[Any] = []
     for record in read_pairs(source, data, item["hf_split"] or None, sft=sft):
         pending.append(record)
@@ -174,7 +192,8 @@ def _tokenize(records: list[Any], tokenizer: Any, data: DataConfig) -> list[Any]
 
 
 def _source_items(data: DataConfig) -> list[dict[str, Any]]:
-    """One work item per source; with ``data.eval_split`` its sources are all ``eval``."""
+    """One work item per source, numbered in order; with ``data.eval_split`` its sources are all
+    ``eval``."""
     items = [
         {"source": json.dumps(dataclasses.asdict(source)), "fixed_split": "", "hf_split": ""}
         for source in list_sources(data)
@@ -189,7 +208,7 @@ def _source_items(data: DataConfig) -> list[dict[str, Any]]:
             }
             for source in list_sources(eval_data)
         ]
-    return items
+    return [{**item, "position": position} for position, item in enumerate(items)]
 
 
 def _write_rejects(layout: RunLayout) -> DataSummary:

@@ -6,6 +6,9 @@ and ``gpus_per_actor`` GPUs, each holding one copy of the model) adds four colum
 ``ref_hn_rejected`` (MallowsPO's normalised entropy Hn, docs/methods.md). They are written as
 Parquet under ``reference.cache_dir/<fingerprint>`` and reused while the fingerprint of everything
 they depend on (data files, data settings, seed, tokenizer, reference model, dtype) is unchanged.
+The actors finish batches out of order; a split that training reads unshuffled (``eval``, and
+``train`` with ``data.shuffle`` false) is sorted back into the tokenised split's order and blocks
+before it is written, so that online and precomputed runs feed the workers the same pairs.
 With ``model.lora.load_in_4bit`` (QLoRA) the actors hold the reference in 4 bits, as the policy's
 base is held in training, so that the reference is the model training starts from.
 """
@@ -20,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray.data
 import torch
 
 from raypo.config import ModelConfig, RaypoConfig
 from raypo.data.collate import collate_pairs
-from raypo.data.pipeline import PreparedData, read_split
+from raypo.data.pipeline import SOURCE_ORDER, PreparedData, read_split
 from raypo.data.readers import list_sources
 from raypo.forward import reference_columns
 from raypo.models import disable_dropout_in_model, load_policy, resolve_model_path
@@ -33,6 +37,9 @@ from raypo.models import disable_dropout_in_model, load_policy, resolve_model_pa
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_hn_chosen", "ref_hn_rejected")
 FINGERPRINT_FILE = "fingerprint.json"
 COMPLETE_MARKER = "_COMPLETE"
+FORMAT_VERSION = 2
+"""What a pass stores, in its fingerprint so that older passes are not reused: 2 = the
+:data:`raypo.data.pipeline.SOURCE_ORDER` column, unshuffled splits in source order."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ def reference_fingerprint(config: RaypoConfig) -> str:
     the cache."""
     sources = [(asdict(source), _path_state(source.path)) for source in list_sources(config.data)]
     inputs = {
+        "format": FORMAT_VERSION,
         "data": asdict(config.data),
         "sources": sources,
         "seed": config.seed,
@@ -104,6 +112,18 @@ class ReferenceScorer:
         return {**batch, **{name: value.cpu().numpy() for name, value in columns.items()}}
 
 
+def _file_starts(directory: Path) -> list[int]:
+    """The first :data:`SOURCE_ORDER` of each Parquet file of a tokenised split but the lowest:
+    cut there, the annotated split holds the same rows in each block as the tokenised one, so
+    that Ray Train's split over the workers (whole blocks to each) is the same too."""
+    starts = [
+        pq.ParquetFile(path).read_row_group(0, columns=[SOURCE_ORDER]).column(0)[0].as_py()
+        for path in directory.glob("*.parquet")
+        if pq.ParquetFile(path).metadata.num_rows
+    ]
+    return sorted(starts)[1:]
+
+
 def run_reference_pass(config: RaypoConfig, prepared: PreparedData) -> ReferencePass:
     """Annotate the prepared ``train`` and ``eval`` splits, or reuse a matching earlier pass."""
     fingerprint = reference_fingerprint(config)
@@ -130,6 +150,11 @@ def run_reference_pass(config: RaypoConfig, prepared: PreparedData) -> Reference
             num_cpus=reference.cpus_per_actor,
             num_gpus=reference.gpus_per_actor,
         )
+        if split == "eval" or not config.data.shuffle:
+            # Once here rather than at every run's read: a sort is a distributed shuffle. A
+            # shuffled read sorts by its own key, whatever order the files hold.
+            boundaries = _file_starts(prepared.split_path(split))
+            annotated = annotated.sort(SOURCE_ORDER, boundaries=boundaries or None)
         annotated.write_parquet(str(directory / split))
     (directory / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     (directory / COMPLETE_MARKER).touch()
