@@ -58,7 +58,7 @@ class ReferencePass:
         return self.directory / split
 
 
-def _path_state(path: str) -> Any:
+def path_state(path: str) -> Any:
     """What identifies a file or directory's content: names, sizes and modification times."""
     root = Path(path)
     if not root.exists():
@@ -71,14 +71,14 @@ def reference_fingerprint(config: RaypoConfig) -> str:
     """sha256 over the data sources and settings, the seed (it picks the held-out split), the
     tokenizer, the reference model, the dtype and 4-bit loading: a change to any of them misses
     the cache."""
-    sources = [(asdict(source), _path_state(source.path)) for source in list_sources(config.data)]
+    sources = [(asdict(source), path_state(source.path)) for source in list_sources(config.data)]
     inputs = {
         "format": FORMAT_VERSION,
         "data": asdict(config.data),
         "sources": sources,
         "seed": config.seed,
-        "tokenizer": _path_state(resolve_model_path(config.model.tokenizer_path)),
-        "reference_model": _path_state(resolve_model_path(config.reference_model_path)),
+        "tokenizer": path_state(resolve_model_path(config.model.tokenizer_path)),
+        "reference_model": path_state(resolve_model_path(config.reference_model_path)),
         "dtype": config.model.dtype,
         "load_in_4bit": config.model.lora.load_in_4bit,
     }
