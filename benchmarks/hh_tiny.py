@@ -125,10 +125,12 @@ def fit_tiny(work: Path, settings: Settings, limit: int | None) -> tuple[Path, l
     """The tiny model fine-tuned on the training split's chosen completions, and the two
     splits."""
     from raypo.config import load_config
+    from raypo.console import configure
     from raypo.models import load_tokenizer, resolve_model_path
     from raypo.ray_runtime import local_ray
     from raypo.train.run import fit_tiny_model
 
+    configure(verbose=False, use_gpu=False)  # raypo's stage and progress lines, as raypo train's
     os.environ["RAYPO_CACHE_DIR"] = str(work / "cache")
     train, test, records = split_pairs(load_tokenizer(resolve_model_path("tiny")), settings, limit)
     data = work / "fit_pairs.jsonl"
@@ -334,7 +336,8 @@ def train_one(fitted: Path, train: list, test: list, job: Job, settings: Setting
         losses.append(float(loss.detach()))
     learned = None
     if strength is not None:
-        moments = strength.moments()
+        with torch.no_grad():
+            moments = strength.moments()
         learned = {"mean": float(moments["mean"]), "cv": float(moments["cv"])}
     return RunResult(
         objective=job.objective,
