@@ -10,7 +10,8 @@ without importing each other. A run directory holds, when the stage that writes 
     rejects.jsonl        every rejected row with its source, reason and detail
     prepared/            tokenised pairs as Parquet, split=train|eval|rejected
     reference/           the reference pass cache (default reference.cache_dir)
-    tiny-fit/            the embedded tiny model fitted to the data
+    tiny-fit/            the embedded tiny model's fit: a raypo sft run directory of its own,
+                         whose final/ is the run's model (tiny_fit.json when finished)
     metrics.jsonl        training and held-out metrics, one JSON object per logged step
     tensorboard/         TensorBoard events (trainer.report_to tensorboard)
     generations.jsonl    completions sampled during training
@@ -140,8 +141,9 @@ class RunLayout:
 
     @property
     def tiny_fit(self) -> Path:
-        """``tiny-fit/``: the embedded tiny model fitted to the chosen dialogues
-        (``model.tiny_fit_steps``)."""
+        """``tiny-fit/``: the ``raypo sft`` run that fits the embedded tiny model to the chosen
+        completions (``model.tiny_fit_steps``), laid out as a run directory; its ``final/`` is
+        the run's policy and reference."""
         return self.root / "tiny-fit"
 
     # Training (raypo.train).
