@@ -98,6 +98,64 @@ def test_bandit_theta_with_one_dispersion_is_dpo_at_equal_kl() -> None:
     assert float((policies[0] - policies[1]).abs().max()) > 0.1
 
 
+def test_bandit_finite_fit_by_hand() -> None:
+    """Three arms: a cycle of wins (0 > 1 > 2 > 0) has a finite fit; data where arm 0 never
+    loses has none (its margins grow without bound), and the fit confirms both."""
+    # pairs (0, 1), (0, 2), (1, 2); wins by the lower index, losses by the higher
+    cycle = (torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.0]))
+    top = (torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 1.0]))
+    found = bandit_model.finite_fit(
+        torch.stack([cycle[0], top[0]]), torch.stack([cycle[1], top[1]]), 3
+    )
+    assert found.tolist() == [True, False]
+    problem = bandit_model.make_problem((0.5,), 2, 3, 0.29, "uniform")
+    data = bandit_model.Comparisons(
+        torch.stack([cycle[0], top[0]])[None] / 3, torch.stack([cycle[1], top[1]])[None] / 3
+    )
+    scores, _ = bandit_model.converged_scores("dpo", problem, data)
+    spread = (scores.amax(-1) - scores.amin(-1))[0]
+    assert spread[0] < 1.0 and spread[1] > 10.0
+    # the sampled data of a large N always has a finite fit; the population too
+    assert bandit_model.finite_fit_share(problem, 2000, [0, 1]).all()
+    assert bandit_model.finite_fit_share(problem, None, [0]).all()
+
+
+def test_bandit_theta_scores_are_dpo_over_w_and_group_u_rank() -> None:
+    """Per prompt MallowsPO-theta's converged scores are DPO's divided by w(x) (the objective is
+    DPO's at the margin w h), so the two share each prompt's direction; group_u_rank spends the
+    budget on each dispersion group alone."""
+    problem, data = _bandit((0.2, 0.9))
+    dpo, _ = bandit_model.converged_scores("dpo", problem, data)
+    theta, _ = bandit_model.converged_scores("theta_true", problem, data)
+    dpo, theta = dpo - dpo.mean(-1, keepdim=True), theta - theta.mean(-1, keepdim=True)
+    torch.testing.assert_close(theta * problem.w_true[None, :, None], dpo, atol=1e-5, rtol=1e-5)
+    by_group = bandit_model.group_u_rank(problem, dpo, 0.2)
+    for name, mask in (("low", problem.low), ("high", ~problem.low)):
+        part = bandit_model.subproblem(problem, mask)
+        logp = bandit_model.policy_at_kl(part, dpo[:, torch.from_numpy(mask)], 0.2)
+        np.testing.assert_allclose(bandit_model.mean_kl(part, logp).numpy(), 0.2, atol=1e-9)
+        np.testing.assert_allclose(by_group[name], bandit_model.metrics(part, logp)["u_rank"])
+    assert problem.low.sum() == 2 and np.all(by_group["low"] > 50)
+
+
+def test_bandit_phi_fit_is_not_left_where_l_bfgs_stalls() -> None:
+    """MallowsPO-phi's loss is discontinuous at h = 0 and L-BFGS alone stalls there: on these
+    data it stopped above the phi loss of MallowsPO-theta's scores (a point it could have
+    reached). The fit must reach, per seed, no more than the loss of plain L-BFGS from the same
+    start, of MallowsPO-theta's scores and of DPO's."""
+    problem, data = _bandit((0.2, 0.9))
+    dpo, _ = bandit_model.converged_scores("dpo", problem, data)
+    theta, _ = bandit_model.converged_scores("theta_true", problem, data)
+    phi, _ = bandit_model.converged_scores("phi_true", problem, data, dpo)
+
+    def loss(scores):
+        return bandit_model.seed_losses("phi_true", scores, problem, data).numpy()
+
+    plain = bandit_model.lbfgs_scores("phi_true", problem, data, dpo)
+    assert np.all(loss(phi) <= loss(plain))
+    assert np.all(loss(phi) < loss(theta)) and np.all(loss(phi) < loss(dpo))
+
+
 def test_bandit_metrics_by_hand() -> None:
     """Uniform reference, K = 5: the uniform policy scores U_rank 50, win rate 50 and KL 0; always
     playing the consensus best scores U_rank 100, KL ln 5 and win rate 100 * mean_b P(0 beats b)
