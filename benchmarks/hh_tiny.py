@@ -133,8 +133,10 @@ def fit_tiny(work: Path, settings: Settings, limit: int | None) -> tuple[Path, l
     configure(verbose=False, use_gpu=False)  # raypo's stage and progress lines, as raypo train's
     os.environ["RAYPO_CACHE_DIR"] = str(work / "cache")
     train, test, records = split_pairs(load_tokenizer(resolve_model_path("tiny")), settings, limit)
-    data = work / "fit_pairs.jsonl"
-    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    data, text = work / "fit_pairs.jsonl", "".join(json.dumps(r) + "\n" for r in records)
+    if not data.exists() or data.read_text() != text:
+        # Rewritten only when it changes: its modification time is in the fit's fingerprint.
+        data.write_text(text)
     config = load_config(
         None,
         [

@@ -66,7 +66,9 @@ _DESCRIPTIONS = {
         "Read the preference data (data.path), validate every row (rejected rows go to "
         f"{_RUN.rejects} with a reason), tokenise it and, with reference.mode precomputed, "
         f"run the reference model once over it. Writes {_RUN.prepared}/ and "
-        f"{_RUN.data_summary}. CONFIG is optional: flags such as --data.path suffice.",
+        f"{_RUN.data_summary}; for model.name_or_path tiny with model.tiny_fit_steps it first "
+        f"fits the tiny model with raypo sft into {_RUN.tiny_fit}/. CONFIG is optional: flags "
+        "such as --data.path suffice.",
     ),
     "train": (
         "train a policy on preference pairs",
@@ -196,9 +198,10 @@ def _run_external(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command in ("prepare", "train", "sft", "tune"):
         check_inputs(config, model_named(config_file, overrides))
     configure_console(args.verbose, config.trainer.use_gpu)
-    if args.command in ("train", "sft"):
+    if args.command in ("prepare", "train", "sft"):
         # Answered before torch and Ray are imported: a second run is refused within seconds.
-        refuse_if_locked(Path(getattr(args, "resume", None) or config.run_path))
+        run_path = Path(getattr(args, "resume", None) or config.run_path)
+        refuse_if_locked(run_path, f"raypo {args.command}")
     # Imported only now: a bad config is reported before torch and Ray are imported.
     handler = _handler(args.command)
     if handler is None:

@@ -78,14 +78,33 @@ def test_the_fingerprint_follows_what_the_fit_depends_on(tmp_path: Path) -> None
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     base = _config(tmp_path / "run", f"--data.path={data}", "--data.schema=auto")
     print_ = tiny_fit_fingerprint(tiny_fit_config(base))
-    same = _config(tmp_path / "run", f"--data.path={data}", "--data.schema=auto", "--loss.beta=3")
-    assert tiny_fit_fingerprint(tiny_fit_config(same)) == print_  # the objective: no refit
+    for unrelated in ("--loss.beta=3", "--trainer.tracker_project=x", "--trainer.num_epochs=2"):
+        same = _config(tmp_path / "run", f"--data.path={data}", "--data.schema=auto", unrelated)
+        assert tiny_fit_fingerprint(tiny_fit_config(same)) == print_, unrelated  # no refit
     for change in ("--model.tiny_fit_steps=13", "--seed=1", "--data.max_length=80"):
         other = _config(tmp_path / "run", f"--data.path={data}", "--data.schema=auto", change)
         assert tiny_fit_fingerprint(tiny_fit_config(other)) != print_, change
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "c"}\n')
     os.utime(data, ns=(1, 1))  # another content, another modification time
     assert tiny_fit_fingerprint(tiny_fit_config(base)) != print_
+
+
+def test_files_raypo_did_not_write_are_not_replaced(tmp_path: Path) -> None:
+    """A tiny-fit/ of the user's own (no raypo lock file in it) is an error, left as it was;
+    so is a prepared run given to train() with a config that still asks for the fit."""
+    from raypo.data.prepare import PreparedRun
+    from raypo.train.run import fit_tiny_model, train
+
+    config = _config(tmp_path / "run")
+    fit_dir = RunLayout(config.run_path).tiny_fit
+    fit_dir.mkdir(parents=True)
+    (fit_dir / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files raypo did not write"):
+        fit_tiny_model(config)
+    assert [p.name for p in fit_dir.iterdir()] == ["notes.txt"]
+    prepared = PreparedRun(data=None, reference=None, seconds={})  # never read: refused first
+    with pytest.raises(ValueError, match="fit_tiny_model"):
+        train(config, prepared=prepared)
 
 
 @pytest.mark.slow

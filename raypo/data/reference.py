@@ -116,10 +116,11 @@ def _file_starts(directory: Path) -> list[int]:
     """The first :data:`SOURCE_ORDER` of each Parquet file of a tokenised split but the lowest:
     cut there, the annotated split holds the same rows in each block as the tokenised one, so
     that Ray Train's split over the workers (whole blocks to each) is the same too."""
+    files = [pq.ParquetFile(path) for path in directory.glob("*.parquet")]
     starts = [
-        pq.ParquetFile(path).read_row_group(0, columns=[SOURCE_ORDER]).column(0)[0].as_py()
-        for path in directory.glob("*.parquet")
-        if pq.ParquetFile(path).metadata.num_rows
+        file.read_row_group(0, columns=[SOURCE_ORDER]).column(0)[0].as_py()
+        for file in files
+        if file.metadata.num_rows
     ]
     return sorted(starts)[1:]
 

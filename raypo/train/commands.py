@@ -12,9 +12,8 @@ from raypo.config import RaypoConfig
 from raypo.data.prepare import prepare, prepare_report
 from raypo.data.validate import DataQualityError
 from raypo.ray_runtime import local_ray
-from raypo.run_layout import RunLayout
-from raypo.train.progress import summary_lines
-from raypo.train.run import TrainResult, fit_tiny_model, train
+from raypo.run_lock import RunLock
+from raypo.train.run import TrainResult, fit_tiny_model, print_result, train
 from raypo.train.sft import SFT, sft_config
 
 
@@ -35,11 +34,8 @@ def sft_main(config: RaypoConfig, args: argparse.Namespace) -> int:
     except DataQualityError as error:
         print(f"raypo sft: {error}", file=sys.stderr)
         return 1
-    for line in summary_lines(result.metrics):
-        print(line)
-    print(f"run directory: {result.run_path}")
-    print(f"metrics: {RunLayout(result.run_path).metrics}")
-    print(f"final model: {result.final_dir} (use it as model.name_or_path of raypo train)")
+    final = f"final model: {result.final_dir} (use it as model.name_or_path of raypo train)"
+    print_result(result, final)
     return 0
 
 
@@ -48,7 +44,7 @@ def prepare_main(config: RaypoConfig, args: argparse.Namespace) -> int:
     training; prints the summary and where everything was written."""
     del args
     try:
-        with local_ray():
+        with RunLock(config.run_path, "raypo prepare"), local_ray():
             run = prepare(fit_tiny_model(config, "prepare"))
     except DataQualityError as error:
         print(f"raypo prepare: {error}", file=sys.stderr)

@@ -291,17 +291,17 @@ def _resume_settings(config: RaypoConfig) -> RaypoConfig:
     return resumed_config(load_config(saved), config, str(saved))
 
 
-def _interrupted(config: RaypoConfig) -> SystemExit:
-    """Ctrl-C's last word: where the run can continue from, and how."""
+def _interrupted(config: RaypoConfig, command: str) -> SystemExit:
+    """Ctrl-C's last word: where the run can continue from, and how (``raypo COMMAND``)."""
     storage = _storage(config)
     remove_unregistered(storage, config.name)
     info = last_whole_checkpoint(storage, config.name)
     where = "no checkpoint yet" if info is None else f"last checkpoint: step {info.step}"
-    print(
-        f"\nraypo train: interrupted ({where}). Continue with:\n"
-        f"  raypo train --resume {config.run_path}",
-        file=sys.stderr,
-    )
+    again = f"raypo {command} --resume {config.run_path}"
+    if not RunLayout(config.run_path).config.exists():
+        # Nothing saved to resume from yet: the command needs its CONFIG again.
+        again = f"raypo {command} CONFIG --resume {config.run_path}"
+    print(f"\nraypo {command}: interrupted ({where}). Continue with:\n  {again}", file=sys.stderr)
     return SystemExit(130)
 
 
@@ -324,8 +324,13 @@ def train(
     its newest whole checkpoint, or start it when it has none. ``recipe``: the step the
     workers run (``raypo sft`` passes its own).
     """
+    if prepared is not None and needs_tiny_fit(config):
+        raise ValueError(
+            "train(prepared=...) needs the config its preparation was made for: "
+            "fit_tiny_model(config) first, then prepare"
+        )
     config = dataclasses.replace(config, run_dir=str(config.run_path.resolve()))
-    with RunLock(config.run_path):
+    with RunLock(config.run_path, f"raypo {recipe.command}"):
         if resume:
             config = _resume_settings(config)
         _check_storage_writable(config)
@@ -338,7 +343,7 @@ def train(
             with local_ray():
                 return _fit(config, point, callbacks, prepared, step_callbacks, recipe)
         except KeyboardInterrupt:
-            raise _interrupted(config) from None
+            raise _interrupted(config, recipe.command) from None
 
 
 def _fit(
@@ -399,35 +404,57 @@ def fit_tiny_model(config: RaypoConfig, command: str = "train") -> RaypoConfig:
     """``config`` training the embedded tiny model after its fit, when ``model.tiny_fit_steps``
     asks for one (else ``config`` itself): a ``raypo sft`` run into ``RUN_DIR/tiny-fit``
     (:func:`raypo.train.sft.tiny_fit_config`) whose ``final/`` becomes the model, tokenizer and
-    reference. A finished fit with the same fingerprint is reused; anything else found there
-    (an interrupted fit, another fit's) is replaced: it is this run's own derived output."""
+    reference. It holds that directory's lock throughout. A finished fit with the same
+    fingerprint is reused; another raypo fit there (interrupted, or of other settings) is
+    replaced; files raypo did not write there (no lock file beside them) are an error."""
     if not needs_tiny_fit(config):
         return config
     fit = tiny_fit_config(config)
-    final = RunLayout(fit.run_path).final
-    fingerprint = tiny_fit_fingerprint(fit)
-    report = read_tiny_fit(fit.run_path)
-    if report is not None and report["fingerprint"] == fingerprint:
-        stage(command, f"tiny fit: reused ({_fit_summary(report)}) -> {final}")
-        return with_model(config, final)
-    shutil.rmtree(fit.run_path, ignore_errors=True)
-    steps = config.model.tiny_fit_steps
-    stage(command, f"tiny fit: raypo sft of the embedded tiny model, {steps} steps")
-    started = time.perf_counter()
-    result = train(fit, recipe=dataclasses.replace(SFT, command=f"{command}: tiny fit"))
-    report = {
-        "fingerprint": fingerprint,
-        "steps": steps,
-        "losses": [round(m["loss"], 4) for m in read_metrics(fit.run_path) if "loss" in m],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    write_tiny_fit(fit.run_path, report)
+    fit = dataclasses.replace(fit, run_dir=str(fit.run_path.resolve()))
+    layout, fingerprint = RunLayout(fit.run_path), tiny_fit_fingerprint(fit)
+    _refuse_foreign_fit_dir(fit.run_path, command)
+    with RunLock(fit.run_path, f"raypo {command}"):
+        report = read_tiny_fit(fit.run_path)
+        if report is not None and report["fingerprint"] == fingerprint and layout.final.is_dir():
+            stage(command, f"tiny fit: reused ({_fit_summary(report)}) -> {layout.final}")
+            return with_model(config, layout.final)
+        for entry in fit.run_path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry != layout.lock:
+                entry.unlink()
+        steps = config.model.tiny_fit_steps
+        stage(command, f"tiny fit: raypo sft of the embedded tiny model, {steps} steps")
+        started = time.perf_counter()
+        recipe = dataclasses.replace(SFT, command=f"{command}: tiny fit")
+        # _fit, not train: an interruption is the calling command's to report, and the lock is
+        # already held.
+        with local_ray():
+            result = _fit(fit, ResumePoint(None), (), None, (), recipe)
+        report = {
+            "fingerprint": fingerprint,
+            "steps": steps,
+            "losses": [round(m["loss"], 4) for m in read_metrics(fit.run_path) if "loss" in m],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        write_tiny_fit(fit.run_path, report)
     stage(command, f"tiny fit: {_fit_summary(report)} -> {result.final_dir}")
     return with_model(config, result.final_dir)
 
 
+def _refuse_foreign_fit_dir(directory: Path, command: str) -> None:
+    """Every raypo run creates its lock file first, so a non-empty ``tiny-fit/`` without one
+    (or a link) holds someone else's files, which the fit must not replace."""
+    foreign = directory.is_dir() and any(directory.iterdir())
+    if directory.is_symlink() or (foreign and not RunLayout(directory).lock.exists()):
+        raise SystemExit(
+            f"raypo {command}: {directory} holds files raypo did not write, where the tiny "
+            "model's fit goes; move them, or choose another --run_dir"
+        )
+
+
 def _fit_summary(report: dict[str, Any]) -> str:
-    """Steps, the logged completion loss (one mean per quarter of the fit) and the time."""
+    """Steps, the completion loss at each logging step of the fit, and the time."""
     losses = ", ".join(f"{loss:.2f}" for loss in report["losses"])
     return f"{report['steps']} steps, completion loss {losses} in {report['seconds']:.1f} s"
 
@@ -477,9 +504,15 @@ def main(config: RaypoConfig, args: argparse.Namespace) -> int:
     except DataQualityError as error:
         print(f"raypo train: {error}", file=sys.stderr)
         return 1
+    print_result(result, f"final policy: {result.final_dir}")
+    return 0
+
+
+def print_result(result: TrainResult, final_line: str) -> None:
+    """A finished run's last lines: the summary, where its directory and metrics are, then
+    ``final_line`` (what ``final/`` holds)."""
     for line in summary_lines(result.metrics):
         print(line)
     print(f"run directory: {result.run_path}")
     print(f"metrics: {RunLayout(result.run_path).metrics}")
-    print(f"final policy: {result.final_dir}")
-    return 0
+    print(final_line)

@@ -35,19 +35,32 @@ from raypo.step import StepResult
 from raypo.train.worker_plan import Recipe
 
 if TYPE_CHECKING:
+    # For the annotations only: raypo.train.loop imports DeepSpeed, which the driver does not.
     from raypo.train.batches import MicroBatch
     from raypo.train.loop import Worker
 
 TINY_FIT_REPORT = "tiny_fit.json"
 """Written into ``RUN_DIR/tiny-fit`` once its SFT run has finished: the fit's fingerprint, the
-first and last logged loss, the steps and the wall time."""
+steps, every logged completion loss and the wall time."""
 
 TINY_FIT_LEARNING_RATE = 3e-3
 """A random 2-layer model learns at rates far above an LLM's."""
 TINY_FIT_BATCH_SIZE = 16
-"""Rows per optimizer step over all workers."""
+"""Rows per optimizer step over all workers (rounded down to a multiple of the workers, at
+least one row each)."""
 _FIT_SECTIONS = ("seed", "model", "data", "trainer")
 """The config sections a fit depends on (the fingerprint ignores the rest: eval, tune, ...)."""
+_NOT_FIT_SETTINGS = (
+    "cpus_per_worker",
+    "max_failures",
+    "save_total_limit",
+    "num_epochs",
+    "tracker_project",
+    "tracker_run_name",
+    "tracker_tags",
+)
+"""Trainer settings that do not change the fitted weights (resources, bookkeeping; ``max_steps``
+overrides ``num_epochs``): a change to them reuses the fit."""
 _FORMAT_VERSION = 2
 """Bumped when the fit itself changes (1: a next-token fit of whole dialogues on the driver)."""
 
@@ -126,9 +139,13 @@ def tiny_fit_config(config: RaypoConfig) -> RaypoConfig:
 def tiny_fit_fingerprint(fit: RaypoConfig) -> str:
     """sha256 over the fit's settings, its data files' names, sizes and modification times, the
     tiny model's files and the library versions: a change to any of them fits again."""
+    settings = {k: v for k, v in config_to_dict(fit).items() if k in _FIT_SECTIONS}
+    settings["trainer"] = {
+        k: v for k, v in settings["trainer"].items() if k not in _NOT_FIT_SETTINGS
+    }
     inputs = {
         "format": _FORMAT_VERSION,
-        "config": {k: v for k, v in config_to_dict(fit).items() if k in _FIT_SECTIONS},
+        "config": settings,
         "sources": [path_state(source.path) for source in list_sources(fit.data)],
         "model": path_state(resolve_model_path(fit.model.name_or_path)),
         "torch": torch.__version__,
