@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import torch
 
 from raypo.config import load_config
+from raypo.data import reference
 from raypo.data.pipeline import eval_assignment, prepare_pairs, read_split
 from raypo.data.prepare import prepare
 from raypo.data.validate import DataQualityError
@@ -319,23 +321,47 @@ def _ids(directory: Path) -> list[str]:
     return [str(row["id"]) for row in read_split(directory).select_columns(["id"]).take_all()]
 
 
+class _ReversingScorer(reference.ReferenceScorer):
+    """The reference pass's actor, handing each scored batch back with its rows reversed."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        scored = super().__call__(batch)
+        return {name: column[::-1] for name, column in scored.items()}
+
+
 def test_unshuffled_reference_splits_keep_the_tokenised_order(
-    ray_session, hh_jsonl: Path, tmp_path: Path
+    ray_session, hh_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With ``data.shuffle`` false an online and a precomputed run train the pairs in the same
     order, and each worker gets the same ones: the annotated splits hold the tokenised splits'
-    order and blocks, although 2 actors scoring batches of 8 from 6 files finish out of order."""
+    order and blocks (the pass sorts them by ``source_order``, cut at the tokenised files'
+    starts), whatever order the scored rows reach the write in.
+
+    The injected actor reverses the rows of each batch (of 32), so that they reach the write out
+    of order in every run: with the pass's sort disabled this test failed 3 runs in 3. Ray alone
+    does not scramble them reliably enough to test. With ``data.preserve_order`` Ray Data (2.60)
+    hands the actors' outputs on in task order however the actors finish (with the first batch
+    held 6 s, the first file's task finished last and its rows still came first); what the pass
+    wrote out of order came from the Parquet write, whose threaded ``write_dataset`` (pyarrow)
+    may write one task's blocks in another order, at random. And these 6 files of 50 rows are
+    read as one block, so one actor task and one write: without the sort they came back in order
+    2 runs in 2 (2 actors, batches of 8)."""
     shards = tmp_path / "shards"
     shards.mkdir()
     lines = hh_jsonl.read_text().splitlines(keepends=True)
     for index in range(6):
         (shards / f"part-{index}.jsonl").write_text("".join(lines[index * 50 : (index + 1) * 50]))
-    overrides = ("--data.shuffle=false", "--reference.num_actors=2", "--reference.batch_size=8")
-    prepared = prepare(_config(tmp_path, shards, *overrides))
+    # Ray workers cannot import the tests: the actor class goes by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(reference, "ReferenceScorer", _ReversingScorer)
+    try:
+        prepared = prepare(_config(tmp_path, shards, "--data.shuffle=false"))
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert prepared.reference is not None
     for split in ("train", "eval"):
         tokenised = _ids(prepared.data.split_path(split))
-        assert len(set(tokenised)) == prepared.data.split_counts[split] > 0
+        assert len(set(tokenised)) == prepared.data.split_counts[split] > 1
         assert _ids(prepared.split_path(split)) == tokenised
     datasets = {
         "online": read_split(prepared.data.split_path("train")),
