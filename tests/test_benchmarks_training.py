@@ -140,12 +140,17 @@ def test_hh_split_is_disjoint_and_fixed(raypo_cache: str) -> None:
 
     tokenizer = load_tokenizer(resolve_model_path("tiny"))
     settings = hh_tiny.Settings(test_pairs=20)
-    train, test = hh_tiny.split_pairs(tokenizer, settings, limit=80)
-    again, _ = hh_tiny.split_pairs(tokenizer, settings, limit=80)
+    train, test, records = hh_tiny.split_pairs(tokenizer, settings, limit=80)
+    again, _, _ = hh_tiny.split_pairs(tokenizer, settings, limit=80)
     keys = {json.dumps(row, sort_keys=True) for row in train}
     assert len(test) == 20 and len(train) > 40
     assert not keys & {json.dumps(row, sort_keys=True) for row in test}
     assert train == again
+    # The raw records the fit reads are the training pairs', in the same order.
+    assert len(records) == len(train)
+    for row, record in zip(train, records, strict=True):
+        chosen = tokenizer.decode(row["chosen_ids"], skip_special_tokens=True).strip()
+        assert chosen[:20] in record["chosen"], (chosen, record["chosen"])
 
 
 def test_throughput_vs_trl_padding_share_counts_positions() -> None:
