@@ -22,7 +22,8 @@ from raypo.run_layout import ExportLayout, RunLayout
 from raypo.train.checkpoint import trained_ids
 from raypo.train.generation_eval import GenerationPrompt, run_generation_eval
 from raypo.train.metrics import read_metrics
-from raypo.train.run import train
+from raypo.train.run import fit_tiny_model, train
+from raypo.train.sft import read_tiny_fit
 
 pytestmark = pytest.mark.slow
 
@@ -312,7 +313,7 @@ def test_resume_after_the_whole_job_stopped_trains_each_pair_once(
 def test_mixdpo_whole_run_learns_its_strength_and_exports_it(ray_session, tmp_path: Path) -> None:
     """16 pairs, 2 workers x 4 pairs: each epoch is 2 steps on the same pairs; 4 epochs, through
     raypo.train.run.train (every objective on both ZeRO stages: tests/test_train_distributed.py).
-    The reference is the tiny model fitted for 30 steps."""
+    The reference is the tiny model fitted for 30 steps by raypo sft (``model.tiny_fit_steps``)."""
     objective, stage = "mixdpo", 3
     config = _config(
         tmp_path / "run",
@@ -340,3 +341,14 @@ def test_mixdpo_whole_run_learns_its_strength_and_exports_it(ray_session, tmp_pa
     assert exported["moments"]["mean"] == pytest.approx(1.0, rel=1e-6)
     assert exported["moments"]["cv"] == pytest.approx(epochs[-1]["mixdpo/beta_cv"], rel=0.05)
     assert exported["moments"]["cv"] != pytest.approx(0.5, rel=1e-4)  # learned from the init
+    # The reference is the tiny fit's final/: a raypo sft run of its own on the same ZeRO-3
+    # workers, which lowers the completion loss; asked again, it is reused without training.
+    fit = RunLayout(config.run_path).tiny_fit
+    report = read_tiny_fit(fit)
+    assert report is not None and report["steps"] == 30, report
+    assert report["losses"][-1] < report["losses"][0] - 0.5, report
+    final = RunLayout(fit).final
+    assert load_config(RunLayout(result.run_path).config).model.name_or_path == str(final)
+    weights = (final / "model.safetensors").stat().st_mtime_ns
+    assert fit_tiny_model(config).model.name_or_path == str(final)
+    assert (final / "model.safetensors").stat().st_mtime_ns == weights
